@@ -1,0 +1,105 @@
+{{/*
+Names, labels and shared values of the wxscale chart.
+*/}}
+
+{{- define "wxscale.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the release's objects, cut to 63 characters (the limit of a DNS-1123 label).
+*/}}
+{{- define "wxscale.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "wxscale.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels shared by every object of the release; each object adds its component.
+*/}}
+{{- define "wxscale.commonLabels" -}}
+helm.sh/chart: {{ include "wxscale.chart" . }}
+app.kubernetes.io/name: {{ include "wxscale.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: wxscale
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "wxscale.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "wxscale.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "wxscale.labels" -}}
+{{ include "wxscale.commonLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "wxscale.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "wxscale.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false: name an existing ServiceAccount" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "wxscale.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The operator's fixed ports: the kopf liveness endpoint and the Prometheus exporter.
+*/}}
+{{- define "wxscale.healthPort" -}}8080{{- end }}
+{{- define "wxscale.metricsPort" -}}9090{{- end }}
+
+{{/*
+Namespaces that get a trainer ServiceAccount: the watched ones, or the release
+namespace when the operator watches all namespaces.
+*/}}
+{{- define "wxscale.trainerNamespaces" -}}
+{{- if .Values.watchNamespaces }}
+{{- toJson .Values.watchNamespaces }}
+{{- else }}
+{{- toJson (list .Release.Namespace) }}
+{{- end }}
+{{- end }}
+
+{{/*
+RBAC rules for studies, jobs and events. A ClusterRole carries them when the
+operator watches all namespaces, and one Role per watched namespace otherwise.
+*/}}
+{{- define "wxscale.namespacedRules" -}}
+# The operator handles studies; kopf patches them for its progress annotations and finalizer.
+- apiGroups: ["wxscale.io"]
+  resources: ["scalingstudies"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["wxscale.io"]
+  resources: ["scalingstudies/status"]
+  verbs: ["get", "patch", "update"]
+# One PyTorchJob per trial: created, followed, suspended (patch) and stopped (delete).
+- apiGroups: ["kubeflow.org"]
+  resources: ["pytorchjobs"]
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# Events on the study for each trial created, succeeded or failed.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -1,0 +1,5 @@
+import sys
+
+from wxscale_trainer.main import main
+
+sys.exit(main())

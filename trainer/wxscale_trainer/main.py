@@ -1,0 +1,72 @@
+"""Trainer entry point: `python -m wxscale_trainer --trial URL --output URL`.
+
+This is the command every trial runs, locally under torchrun and in a
+PyTorchJob pod alike; torchrun and the Kubeflow training operator both set
+RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Rank 0 writes the result record
+to `OUTPUT/trials/<trial>/result.json`; a failure writes a record with
+state Failed and the error, then exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from wxscale.errors import WxscaleError
+from wxscale.logs import setup_logging
+from wxscale.storage import Location
+from wxscale_trainer.runtime import init_runtime, shutdown
+from wxscale.trialspec import TrialSpec, trial_folder
+
+logger = logging.getLogger("wxscale_trainer")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="wxscale-train", description="Train and evaluate one wxscale trial.")
+    parser.add_argument("--trial", required=True,
+                        help="path or URL of the trial file (TrialSpec JSON) written by `wxscale run` or the operator")
+    parser.add_argument("--output", required=True, help="study output location (folder or s3:// prefix)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser.parse_args(argv)
+
+
+def _load_trial(url: str, endpoint: str | None) -> TrialSpec:
+    folder, _, name = url.rpartition("/")
+    return TrialSpec.from_dict(Location(folder or ".", endpoint).read_json(name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    from wxscale_trainer.train import run_trial  # Heavy imports after argument parsing keep --help fast.
+
+    trial = _load_trial(args.trial, args.s3_endpoint)
+    output = Location(args.output, args.s3_endpoint)
+    runtime = init_runtime(trial.config.training.device, trial.config.training.num_threads)
+    logger.info("trial %s of study %s: rank %d of %d on %s", trial.trial, trial.study, runtime.rank,
+                runtime.world_size, runtime.device)
+    try:
+        record = run_trial(trial, runtime)
+    except Exception as error:  # Recorded for the study, then re-raised as a non-zero exit.
+        message = str(error) if isinstance(error, WxscaleError) else f"{type(error).__name__}: {error}"
+        logger.error("trial %s failed: %s", trial.trial, message)
+        logger.debug("%s", traceback.format_exc())
+        if runtime.is_main:
+            output.write_json(f"{trial_folder(trial.trial)}/error.json",
+                              {"trial": trial.trial, "state": "Failed", "error": message})
+        # No barrier here: the other ranks may be blocked in a collective; torchrun stops them.
+        return 1
+
+    if runtime.is_main:
+        path = output.write_json(f"{trial_folder(trial.trial)}/result.json", record)
+        logger.info("trial %s finished: test loss %.4f, %.1f samples/s; result at %s", trial.trial,
+                    record["evaluation"]["testLoss"], record["training"]["samplesPerSecond"], path)
+    shutdown(runtime)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

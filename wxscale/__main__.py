@@ -1,0 +1,5 @@
+import sys
+
+from wxscale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""Open the data source of a study: the synthetic generator, or a netCDF file or zarr store over fsspec.
+
+`open_source` returns a lazily loaded dataset with dimensions `time`, `lat`,
+`lon` (see `wxscale.data.coords` for the layout) holding only the variables the
+study trains on. Nothing but coordinates is read here; `wxscale.data.dataset`
+loads the values.
+
+Locations: a local path, a `file://` URL or an `s3://` URL. S3 credentials come
+from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+AWS_PROFILE), the endpoint from `spec.data.storage.endpointUrl` or AWS_ENDPOINT_URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import xarray as xr
+
+from wxscale.data import synthetic
+from wxscale.data.coords import select_variables, standardise_coordinates
+from wxscale.errors import DataError
+from wxscale.spec import DataSpec
+
+logger = logging.getLogger(__name__)
+
+# The synthetic field does not depend on the trial seed, so that trials that differ
+# only in their seed train on the same data.
+SYNTHETIC_DATA_SEED = 0
+
+_ZARR_MARKERS = ("zarr.json", ".zgroup", ".zmetadata")
+
+# Errors from a zarr store opened with consolidated=True that has no consolidated metadata.
+_NOT_CONSOLIDATED = (KeyError, ValueError, OSError)
+
+
+def storage_options(data: DataSpec) -> dict[str, Any]:
+    """Return the s3fs options for `data.source`: endpoint from the spec or the environment, anonymous flag.
+
+    Keys and secrets are not copied here: botocore reads them from the environment itself.
+    """
+    options: dict[str, Any] = {}
+    endpoint = data.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    if data.storage.anonymous:
+        options["anon"] = True
+    return options
+
+
+def _split_location(source: str) -> tuple[str, str]:
+    """Return (protocol, path): ('file', '/abs/path') or ('s3', 'bucket/key')."""
+    if source.startswith("s3://"):
+        return "s3", source.removeprefix("s3://")
+    if source.startswith("file://"):
+        return "file", source.removeprefix("file://")
+    if "://" in source:
+        scheme = source.split("://", 1)[0]
+        raise DataError(
+            f"spec.data.source: unsupported URL scheme {scheme!r} in {source!r}; "
+            "use a local path, a file:// URL, an s3:// URL or 'synthetic'"
+        )
+    return "file", str(Path(source).expanduser())
+
+
+def _is_zarr(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    if path.rstrip("/").endswith(".zarr"):
+        return True
+    if not fs.isdir(path):
+        return False
+    return any(fs.exists(f"{path.rstrip('/')}/{marker}") for marker in _ZARR_MARKERS)
+
+
+def _open_zarr(location: str, options: dict[str, Any]) -> xr.Dataset:
+    """Open a zarr v2 or v3 store, with consolidated metadata when the store has it."""
+    kwargs: dict[str, Any] = {"engine": "zarr", "chunks": None}
+    if options:
+        kwargs["storage_options"] = options
+    with warnings.catch_warnings():
+        # Extra files in a store (e.g. a sample_info.json beside the arrays) only warn.
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+        try:
+            return xr.open_dataset(location, consolidated=True, **kwargs)
+        except _NOT_CONSOLIDATED as error:
+            logger.debug("%s has no consolidated metadata (%s); reading it unconsolidated", location, error)
+            return xr.open_dataset(location, consolidated=False, **kwargs)
+
+
+def _open_netcdf(fs: fsspec.AbstractFileSystem, protocol: str, path: str) -> xr.Dataset:
+    """Open a netCDF file: by path when local, through an fsspec file object otherwise."""
+    if protocol == "file":
+        return xr.open_dataset(path)
+
+    # netCDF-4 (HDF5) files open with h5netcdf, netCDF-3 files with scipy; both accept file objects.
+    # h5netcdf needs h5py, hence ImportError among the errors that move on to the next engine.
+    errors = []
+    for engine in ("h5netcdf", "scipy"):
+        handle = fs.open(path, "rb")
+        try:
+            return xr.open_dataset(handle, engine=engine)
+        except (OSError, ValueError, TypeError, ImportError) as error:
+            handle.close()
+            errors.append(f"{engine}: {error}")
+    raise DataError(f"spec.data.source: cannot read s3://{path} as netCDF ({'; '.join(errors)})")
+
+
+def open_raw(data: DataSpec) -> xr.Dataset:
+    """Open `data.source` as it is stored, without standardising coordinates or choosing variables."""
+    if data.is_synthetic:
+        return synthetic.generate(data.synthetic, SYNTHETIC_DATA_SEED)
+
+    protocol, path = _split_location(data.source)
+    options = storage_options(data) if protocol == "s3" else {}
+    fs = fsspec.filesystem(protocol, **options)
+
+    try:
+        exists = fs.exists(path)
+    except PermissionError as error:
+        raise DataError(
+            f"spec.data.source: access denied to {data.source} ({error}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or spec.data.storage.anonymous: true for a public bucket"
+        ) from error
+    if not exists:
+        hint = (
+            "check the bucket and key, and spec.data.storage.endpointUrl or AWS_ENDPOINT_URL"
+            if protocol == "s3"
+            else "give an existing netCDF file or zarr store, an s3:// URL, or 'synthetic'"
+        )
+        raise DataError(f"spec.data.source: {data.source} not found; {hint}")
+
+    try:
+        if _is_zarr(fs, path):
+            location = data.source if protocol == "s3" else path
+            return _open_zarr(location, options)
+        return _open_netcdf(fs, protocol, path)
+    except PermissionError as error:
+        raise DataError(
+            f"spec.data.source: access denied to {data.source} ({error}); check the S3 credentials"
+        ) from error
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"spec.data.source: cannot open {data.source} as netCDF or zarr ({type(error).__name__}: {error})"
+        ) from error
+
+
+def describe_source(data: DataSpec) -> str:
+    """Return a one-line description of the source for logs and reports."""
+    if data.is_synthetic:
+        spec = data.synthetic
+        return (
+            f"synthetic advection-diffusion tracers ({spec.lat}x{spec.lon} grid, {spec.steps} steps "
+            f"of {spec.step_hours:g} h from {spec.start:%Y-%m-%d}, data seed {SYNTHETIC_DATA_SEED})"
+        )
+    return data.source
+
+
+def open_source(data: DataSpec) -> xr.Dataset:
+    """Open `data.source` lazily as a dataset of (time, lat, lon) variables in the standard layout.
+
+    Raises DataError when the source is missing or unreadable, when an axis cannot
+    be identified, or when a requested variable is absent (the message lists the
+    available ones).
+    """
+    raw = open_raw(data)
+    label = "synthetic source" if data.is_synthetic else data.source
+    dataset = standardise_coordinates(raw, label)
+    dataset = select_variables(dataset, data.variables, label)
+    logger.info(
+        "opened %s: variables %s, %d steps, %d x %d grid",
+        label,
+        list(dataset.data_vars),
+        dataset.sizes["time"],
+        dataset.sizes["lat"],
+        dataset.sizes["lon"],
+    )
+    return dataset

@@ -1,0 +1,306 @@
+"""Expand a study into trials: the grid product of its axes, or its explicit points.
+
+Everything not on an axis is held at the spec's base value, so each experiment
+family varies only what the user asked for. A trial's id is a hash of its
+resolved config: the same config always gets the same id, which makes re-runs
+resume and lets the operator name jobs idempotently.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
+
+from wxscale.errors import describe_validation_error
+from wxscale.spec import Axis, DataSpec, ScalingStudy, TrialConfig
+
+_SECTIONS = ("data", "model", "training", "distributed")
+
+
+@dataclass(frozen=True)
+class GridInfo:
+    """Grid of the fields a trial trains on, after coarsening and cropping."""
+
+    n_lat: int
+    n_lon: int
+    variables: tuple[str, ...]
+    step_hours: float
+
+
+@dataclass
+class Trial:
+    """One planned trial with its resolved config and predicted cost."""
+
+    id: str
+    index: int
+    axis_values: dict[str, Any]
+    config: TrialConfig
+    steps: int = 0
+    samples: int = 0
+    params: int = 0
+    non_embedding_params: int = 0
+    flops_per_sample: float = 0.0
+    total_flops: float = 0.0
+    grid: tuple[int, int] = (0, 0)
+    variables: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "index": self.index,
+            "axisValues": self.axis_values,
+            "steps": self.steps,
+            "samples": self.samples,
+            "params": self.params,
+            "nonEmbeddingParams": self.non_embedding_params,
+            "flopsPerSample": self.flops_per_sample,
+            "totalFlops": self.total_flops,
+            "grid": list(self.grid),
+            "variables": list(self.variables),
+            "config": self.config.dump(),
+        }
+
+
+def _camel_path(path: str) -> list[str]:
+    return [to_camel(part) if "_" in part else part for part in path.split(".")]
+
+
+def _get(document: dict[str, Any], path: str) -> Any:
+    node: Any = document
+    for part in _camel_path(path):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(path)
+        node = node[part]
+    return node
+
+
+def _set(document: dict[str, Any], path: str, value: Any) -> None:
+    parts = _camel_path(path)
+    node = document
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _base_document(study: ScalingStudy) -> dict[str, Any]:
+    spec = study.spec.dump()
+    return {section: spec[section] for section in _SECTIONS}
+
+
+def _check_path(base: dict[str, Any], path: str) -> str | None:
+    """Return a problem description if `path` names no field of a trial config."""
+    parts = path.split(".")
+    if parts[0] not in _SECTIONS or len(parts) < 2:
+        return f"unknown field path {path!r}; paths start with one of {', '.join(_SECTIONS)}, e.g. model.embedDim"
+    try:
+        _get(base, path)
+    except KeyError:
+        parent = ".".join(parts[:-1])
+        try:
+            siblings = _get(base, parent)
+        except KeyError:
+            return f"unknown field path {path!r}"
+        known = ", ".join(sorted(siblings)) if isinstance(siblings, dict) else "none"
+        return f"unknown field {path!r}; fields of {parent}: {known}"
+    return None
+
+
+def _axis_settings(axis: Axis, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the field settings of each value of an axis."""
+    if axis.field is not None:
+        return [{axis.field: value} for value in axis.values]
+    if axis.fields is not None:
+        settings = []
+        for factor in axis.factors:
+            point = {}
+            for path in axis.fields:
+                scaled = _get(base, path) * factor
+                point[path] = int(round(scaled)) if isinstance(_get(base, path), int) else scaled
+            settings.append(point)
+        return settings
+    return [dict(value) for value in axis.values]
+
+
+def _axis_value_label(axis: Axis, index: int, setting: dict[str, Any]) -> Any:
+    if axis.field is not None:
+        return axis.values[index]
+    if axis.factors is not None:
+        return axis.factors[index]
+    return setting
+
+
+def _trial_id(config: TrialConfig) -> str:
+    canonical = json.dumps(config.dump(), sort_keys=True, separators=(",", ":"))
+    return "t-" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+@dataclass
+class _Point:
+    axis_values: dict[str, Any]
+    settings: dict[str, Any]
+    origins: dict[str, str]  # field path -> spec location that set it
+
+
+def _points(study: ScalingStudy, base: dict[str, Any]) -> tuple[list[_Point], list[str]]:
+    """Return the raw grid points with the location each setting came from, and path problems."""
+    problems: list[str] = []
+    if study.spec.points is not None:
+        points = []
+        for i, point in enumerate(study.spec.points):
+            for path in point:
+                problem = _check_path(base, path)
+                if problem:
+                    problems.append(f"spec.points[{i}]: {problem}")
+            points.append(_Point(dict(point), dict(point), {p: f"spec.points[{i}]" for p in point}))
+        return points, problems
+
+    per_axis = []
+    for a, axis in enumerate(study.spec.axes):
+        paths = axis.fields or ([axis.field] if axis.field else sorted({p for v in axis.values for p in v}))
+        for path in paths:
+            problem = _check_path(base, path)
+            if problem:
+                problems.append(f"spec.axes[{a}]: {problem}")
+        if problems:
+            continue
+        options = []
+        for v, setting in enumerate(_axis_settings(axis, base)):
+            where = f"spec.axes[{a}].{'factors' if axis.factors is not None else 'values'}[{v}]"
+            options.append((axis.label, _axis_value_label(axis, v, setting), setting, where))
+        per_axis.append(options)
+    if problems:
+        return [], problems
+
+    points = []
+    for combination in itertools.product(*per_axis):
+        axis_values, settings, origins = {}, {}, {}
+        for label, value, setting, where in combination:
+            axis_values[label] = value
+            settings.update(setting)
+            origins.update({path: where for path in setting})
+        points.append(_Point(axis_values, settings, origins))
+    return points, problems
+
+
+def _resolve(base: dict[str, Any], point: _Point) -> tuple[TrialConfig | None, list[str]]:
+    document = copy.deepcopy(base)
+    for path, value in point.settings.items():
+        _set(document, path, value)
+    try:
+        return TrialConfig.model_validate(document), []
+    except ValidationError as error:
+        problems = []
+        for line, item in zip(describe_validation_error(error), error.errors(include_url=False)):
+            loc = ".".join(str(p) for p in item["loc"])
+            origin = next(
+                (where for path, where in point.origins.items() if loc.startswith(".".join(_camel_path(path))) or
+                 ".".join(_camel_path(path)).startswith(loc)),
+                None,
+            )
+            problems.append(f"{origin}: {line}" if origin else f"spec.{line}")
+        return None, problems
+
+
+def expand(study: ScalingStudy) -> tuple[list[tuple[dict[str, Any], TrialConfig]], list[str]]:
+    """Return (axis values, resolved config) for every trial, and the problems found.
+
+    Duplicate configs (two axis values that resolve to the same trial) are kept once.
+    """
+    base = _base_document(study)
+    points, problems = _points(study, base)
+    trials: list[tuple[dict[str, Any], TrialConfig]] = []
+    seen: set[str] = set()
+    for point in points:
+        config, point_problems = _resolve(base, point)
+        for problem in point_problems:
+            if problem not in problems:
+                problems.append(problem)
+        if config is None:
+            continue
+        trial_id = _trial_id(config)
+        if trial_id not in seen:
+            seen.add(trial_id)
+            trials.append((point.axis_values, config))
+    return trials, problems
+
+
+def axis_problems(study: ScalingStudy) -> list[str]:
+    """Return the problems that the axes and points of a study produce."""
+    return expand(study)[1]
+
+
+def training_steps(config: TrialConfig, flops_per_sample: float) -> int:
+    """Resolve the trial's budget (steps, samples or FLOPs) into optimizer steps."""
+    budget = config.training.budget
+    batch = config.training.batch_size
+    if budget.steps is not None:
+        return budget.steps
+    if budget.samples is not None:
+        return max(1, math.ceil(budget.samples / batch))
+    return max(1, math.ceil(budget.flops / (flops_per_sample * batch)))
+
+
+def default_grid_resolver(data: DataSpec) -> GridInfo:
+    from wxscale.data import grid_info
+
+    return grid_info(data)
+
+
+def plan(study: ScalingStudy, grid_resolver: Callable[[DataSpec], GridInfo] | None = None) -> list[Trial]:
+    """Expand the study and attach each trial's parameters, steps and analytic FLOPs.
+
+    Raises StudyError if the axes produce invalid trials (see `expand`).
+    """
+    from wxscale.errors import StudyError
+    from wxscale.flops import model_cost
+
+    configs, problems = expand(study)
+    if problems:
+        raise StudyError(f"ScalingStudy {study.metadata.name}", problems)
+    resolver = grid_resolver or default_grid_resolver
+    grids: dict[str, GridInfo] = {}
+
+    trials = []
+    for index, (axis_values, config) in enumerate(configs):
+        data_key = json.dumps(config.data.dump(), sort_keys=True)
+        if data_key not in grids:
+            grids[data_key] = resolver(config.data)
+        grid = grids[data_key]
+
+        n_vars = len(grid.variables)
+        cost = model_cost(
+            config.model,
+            (grid.n_lat, grid.n_lon),
+            in_channels=config.data.history * n_vars,
+            out_channels=n_vars,
+            activation_checkpointing=config.training.activation_checkpointing,
+        )
+        steps = training_steps(config, cost.flops_per_sample)
+        samples = steps * config.training.batch_size
+        trials.append(
+            Trial(
+                id=_trial_id(config),
+                index=index,
+                axis_values=axis_values,
+                config=config,
+                steps=steps,
+                samples=samples,
+                params=cost.params,
+                non_embedding_params=cost.non_embedding_params,
+                flops_per_sample=cost.flops_per_sample,
+                total_flops=cost.flops_per_sample * samples,
+                grid=(grid.n_lat, grid.n_lon),
+                variables=tuple(grid.variables),
+            )
+        )
+    return trials
