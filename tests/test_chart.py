@@ -32,18 +32,16 @@ WATCH_VALUES = [
     "--set", "metrics.podMonitor.labels.release=prometheus",
     "--set", "s3.endpoint=http://minio.minio.svc:9000",
     "--set", "s3.credentialsSecret=wxscale-s3",
+    "--set", "operator.defaultOutput=s3://wxscale-results/studies",
 ]
 
-# The namespaced rules: (API group, resource) -> verbs. Nothing else may be granted there.
-NAMESPACED_RULES = {
-    ("wxscale.io", "scalingstudies"): {"get", "list", "watch", "patch", "update"},
-    ("wxscale.io", "scalingstudies/status"): {"get", "patch", "update"},
+# (API group, resource) -> verbs: every request the operator and kopf make, and nothing else.
+RULES = {
+    ("wxscale.io", "scalingstudies"): {"get", "list", "watch", "patch"},
+    ("wxscale.io", "scalingstudies/status"): {"get", "patch"},
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("", "events"): {"create"},
 }
-CRD_RULE = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
-NAMESPACE_RULE = {("", "namespaces"): {"list", "watch"}}
 
 
 # Helpers --------------------------------------------------------------------
@@ -139,16 +137,17 @@ def test_default_render_kinds(helm: str) -> None:
 
 
 def test_default_watches_all_namespaces(helm: str) -> None:
-    documents = render(helm)
-    container = operator_container(documents)
+    container = operator_container(render(helm))
     assert container["command"] == ["wxscale-operator"]
-    assert container["args"] == ["--all-namespaces"]
+    assert container["args"] == [
+        "--all-namespaces", "--log-level", "INFO", "--liveness-port", "8080", "--metrics-port", "9090",
+    ]
 
 
 def test_default_rbac_cluster_wide(helm: str) -> None:
     documents = render(helm)
     cluster_role = one(documents, "ClusterRole")
-    assert rules_by_resource(cluster_role) == NAMESPACED_RULES | CRD_RULE
+    assert rules_by_resource(cluster_role) == RULES
     assert objects_of(documents, "Role") == []
 
     binding = one(documents, "ClusterRoleBinding")
@@ -166,7 +165,7 @@ def test_watch_namespaces_rbac_per_namespace(helm: str) -> None:
     roles = objects_of(documents, "Role")
     assert sorted(role["metadata"]["namespace"] for role in roles) == ["team-a", "team-b"]
     for role in roles:
-        assert rules_by_resource(role) == NAMESPACED_RULES
+        assert rules_by_resource(role) == RULES
 
     bindings = objects_of(documents, "RoleBinding")
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == ["team-a", "team-b"]
@@ -174,14 +173,33 @@ def test_watch_namespaces_rbac_per_namespace(helm: str) -> None:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"][0]["namespace"] == NAMESPACE
 
-    # Cluster-wide, the operator may only discover CRDs and namespaces: no studies, jobs or events.
-    cluster_role = one(documents, "ClusterRole")
-    assert rules_by_resource(cluster_role) == CRD_RULE | NAMESPACE_RULE
+    # Watching named namespaces needs no cluster-wide access at all.
+    assert objects_of(documents, "ClusterRole") == []
+    assert objects_of(documents, "ClusterRoleBinding") == []
 
 
 def test_watch_namespaces_operator_args(helm: str) -> None:
     container = operator_container(render(helm, *WATCH_VALUES))
-    assert container["args"] == ["--namespace", "team-a", "--namespace", "team-b"]
+    assert container["args"][:4] == ["--namespace", "team-a", "--namespace", "team-b"]
+    assert "--all-namespaces" not in container["args"]
+
+
+@pytest.mark.parametrize("values", [[], WATCH_VALUES], ids=["default", "watch-namespaces"])
+def test_operator_parses_rendered_args(helm: str, values: list[str]) -> None:
+    operator_main = pytest.importorskip("wxscale_operator.main")
+    container = operator_container(render(helm, *values))
+    args = operator_main.build_parser().parse_args(container["args"])
+
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert args.liveness_port == ports["health"]
+    assert args.metrics_port == ports["metrics"]
+    assert args.log_level == "INFO"
+    if values:
+        assert args.namespaces == ["team-a", "team-b"]
+        assert args.s3_endpoint == "http://minio.minio.svc:9000"
+        assert args.default_output == "s3://wxscale-results/studies"
+    else:
+        assert args.all_namespaces is True
 
 
 def test_rbac_has_no_wildcards_or_secrets(helm: str) -> None:
@@ -205,9 +223,6 @@ def test_trainer_service_accounts(helm: str) -> None:
     assert sorted(account["metadata"]["namespace"] for account in trainers) == ["team-a", "team-b"]
     for account in trainers:
         assert account["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"
-
-    env = {item["name"]: item for item in operator_container(watched)["env"]}
-    assert env["WXSCALE_TRAINER_SERVICE_ACCOUNT"]["value"] == "wxscale-trainer"
 
 
 def test_trainer_account_must_differ_from_operator(helm: str) -> None:
@@ -284,12 +299,13 @@ def test_deployment_image_from_values(helm: str) -> None:
 
 def test_s3_settings_reach_operator(helm: str) -> None:
     container = operator_container(render(helm, *WATCH_VALUES))
-    env = {item["name"]: item.get("value") for item in container["env"]}
-    assert env["AWS_ENDPOINT_URL"] == "http://minio.minio.svc:9000"
+    endpoint_at = container["args"].index("--s3-endpoint")
+    assert container["args"][endpoint_at + 1] == "http://minio.minio.svc:9000"
     assert container["envFrom"] == [{"secretRef": {"name": "wxscale-s3"}}]
 
     default = operator_container(render(helm))
-    assert "AWS_ENDPOINT_URL" not in {item["name"] for item in default["env"]}
+    assert "--s3-endpoint" not in default["args"]
+    assert "--default-output" not in default["args"]
     assert "envFrom" not in default
 
 

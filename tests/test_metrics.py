@@ -265,3 +265,15 @@ def test_persistence_on_ncep_matches_xarray(ncep_air):
     assert result["rmse"] == pytest.approx(expected, rel=1e-9)
     assert 0.3 < result["rmse"] < 5.0  # kelvin: the size of 6 h changes of near-surface temperature
     assert 0.5 < result["acc"] < 1.0
+
+
+def test_loss_upcasts_bfloat16():
+    pred = torch.tensor(grid(1.0, 2.0), dtype=torch.bfloat16)[None, None].requires_grad_()
+    target = torch.zeros(1, 1, 2, 3, dtype=torch.bfloat16)
+
+    loss = latitude_weighted_mse_loss(pred, target, torch.tensor(W))
+    loss.backward()
+
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(2.0)
+    assert pred.grad.dtype == torch.bfloat16

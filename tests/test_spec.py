@@ -143,7 +143,7 @@ def test_validate_cli_exit_codes(tmp_path: Path):
     good = subprocess.run([sys.executable, "-m", "wxscale", "validate", str(REPO / "examples/quickstart.yaml")],
                           capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
-    assert "6 trial(s)" in good.stdout
+    assert "12 trial(s)" in good.stdout
 
     document = copy.deepcopy(minimal())
     document["spec"]["model"] = {"depth": 0}

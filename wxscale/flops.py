@@ -72,15 +72,18 @@ class ForwardFlops:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """Return (total, non_embedding) parameter counts of a WeatherViT.
 
-    Non-embedding parameters exclude the modules in EMBEDDING_MODULES. A DDP wrapper is
-    unwrapped through its ``module`` attribute.
+    Non-embedding parameters exclude the modules in EMBEDDING_MODULES. A module that is
+    absent, as in a pipeline stage, counts as zero. A DDP wrapper is unwrapped through its
+    ``module`` attribute.
     """
     model = getattr(model, "module", model)
     total = sum(parameter.numel() for parameter in model.parameters())
 
     embedding = 0
     for name in EMBEDDING_MODULES:
-        part = getattr(model, name)
+        part = getattr(model, name, None)
+        if part is None:
+            continue  # a pipeline stage without this module
         if isinstance(part, nn.Parameter):
             embedding += part.numel()
         else:

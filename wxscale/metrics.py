@@ -37,8 +37,8 @@ METRICS = ("rmse", "mae", "mse", "bias", "acc")
 def latitude_weights(lat_degrees: np.ndarray | Sequence[float]) -> np.ndarray:
     """Return w_i = cos(lat_i) / mean_k cos(lat_k), the latitude weights normalised to mean 1.
 
-    The cosine is proportional to the area of a grid cell on a regular latitude-longitude
-    grid, so a weighted mean is an area mean.
+    On a regular latitude-longitude grid the cosine is approximately proportional to the
+    area of a grid cell, so a weighted mean approximates an area mean.
     """
     lat = np.asarray(lat_degrees, dtype=np.float64)
     if lat.ndim != 1 or lat.size == 0:
@@ -179,14 +179,19 @@ def latitude_weighted_mse_loss(
     (e.g. from latitude_weights) and ``mask`` is a boolean tensor that broadcasts to
     ``pred``. Cells where the mask is False or the target is NaN get no weight and no
     gradient. The sums pool the whole batch, so a sample with more valid cells counts more.
-    Without a mask the loss equals the batch mean of the per-sample weighted MSE. With no
-    valid cell the loss is 0.
+    When every cell is valid the loss equals the batch mean of the per-sample weighted MSE.
+    With no valid cell the loss is 0. Half-precision inputs are upcast to float32 so that
+    the sums keep their precision under autocast.
     """
     if pred.shape != target.shape or pred.dim() != 4:
         raise ValueError(
-            f"pred and target must both be (batch, channels, lat, lon), got {tuple(pred.shape)} and {tuple(target.shape)}"
+            "pred and target must both be (batch, channels, lat, lon), "
+            f"got {tuple(pred.shape)} and {tuple(target.shape)}"
         )
-    weights = torch.as_tensor(weights, dtype=pred.dtype, device=pred.device)
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    pred = pred.to(dtype)
+    target = target.to(dtype)
+    weights = torch.as_tensor(weights, dtype=dtype, device=pred.device)
     if weights.shape != (pred.shape[-2],):
         raise ValueError(f"weights must have shape ({pred.shape[-2]},), one per latitude, got {tuple(weights.shape)}")
 

@@ -7,7 +7,7 @@ variable-minor: channel ``step * variables + variable``. The last input step is 
 ``x[:, -out_channels:]``, the channels that the residual connection adds to the output.
 
 The network, top to bottom:
-  1. zero-pad the grid on the south and east edges to a multiple of the patch size;
+  1. zero-pad the end of the lat and lon axes to a multiple of the patch size;
   2. patch embedding, a Conv2d with kernel = stride = patch size, one token per patch;
   3. add a learned position embedding;
   4. ``depth`` pre-norm transformer blocks (LayerNorm -> self-attention -> residual,
@@ -67,17 +67,19 @@ def supported_attention_backends(device: torch.device | str, dtype: torch.dtype,
     Each fixed backend is probed with a tiny attention call. "auto" is listed when any
     fixed backend works, because PyTorch then picks one of them.
     """
-    query = torch.randn(1, 1, 4, head_dim, device=device, dtype=dtype, requires_grad=True)
     working = []
-    for name, backend in _SDPA_BACKENDS.items():
-        try:
-            # PyTorch warns once per rejected kernel before it raises; the error is enough here.
-            with warnings.catch_warnings(), sdpa_kernel(backend):
-                warnings.simplefilter("ignore")
-                F.scaled_dot_product_attention(query, query, query).sum().backward()
-        except RuntimeError:
-            continue
-        working.append(name)
+    # The probe needs autograd even when the caller runs under no_grad or inference_mode.
+    with torch.inference_mode(False), torch.enable_grad():
+        query = torch.randn(1, 1, 4, head_dim, device=device, dtype=dtype, requires_grad=True)
+        for name, backend in _SDPA_BACKENDS.items():
+            try:
+                # PyTorch warns once per rejected kernel before it raises; the error is enough here.
+                with warnings.catch_warnings(), sdpa_kernel(backend):
+                    warnings.simplefilter("ignore")
+                    F.scaled_dot_product_attention(query, query, query).sum().backward()
+            except RuntimeError:
+                continue
+            working.append(name)
     return (["auto"] if working else []) + working
 
 
@@ -167,11 +169,11 @@ class Block(nn.Module):
 
 
 class WeatherViT(nn.Module):
-    """A Vision Transformer from input fields (B, in_channels, lat, lon) to forecast fields (B, out_channels, lat, lon).
+    """A Vision Transformer from fields (B, in_channels, lat, lon) to forecasts (B, out_channels, lat, lon).
 
-    Grids that do not divide by the patch size are zero-padded on the south and east
-    edges to the next multiple, and the output is cropped back to ``grid``. Padded cells
-    hold zeros (the mean of normalised data) and cost tokens like any other cell.
+    Grids that do not divide by the patch size are zero-padded at the end of the lat and
+    lon axes to the next multiple, and the output is cropped back to ``grid``. Padded
+    cells contain zeros (the mean of normalised data) and cost tokens like any other cell.
 
     Residual prediction (``residual=True``, the default): the network predicts the change
     over one lead time, and the forward pass adds the last input step of each variable.
@@ -276,7 +278,7 @@ class WeatherViT(nn.Module):
         pad_lat = self.token_grid[0] * patch - self.grid[0]
         pad_lon = self.token_grid[1] * patch - self.grid[1]
         if pad_lat or pad_lon:
-            # F.pad takes (left, right, top, bottom) for the last two dimensions.
+            # F.pad takes (lon start, lon end, lat start, lat end) for the last two dimensions.
             x = F.pad(x, (0, pad_lon, 0, pad_lat))
 
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)

@@ -135,7 +135,8 @@ def _axis_value_label(axis: Axis, index: int, setting: dict[str, Any]) -> Any:
     if axis.field is not None:
         return axis.values[index]
     if axis.factors is not None:
-        return axis.factors[index]
+        factor = axis.factors[index]
+        return int(factor) if float(factor).is_integer() else factor
     return setting
 
 

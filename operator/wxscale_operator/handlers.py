@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import kopf
 
@@ -34,16 +34,16 @@ from wxscale_operator.reconcile import Reconciler
 
 logger = logging.getLogger(__name__)
 
-def register(registry: kopf.OperatorRegistry, config: OperatorConfig, reconciler: Reconciler | None = None,
-             ) -> Reconciler:
-    """Register every handler in `registry`; return the reconciler they share."""
+def register(registry: kopf.OperatorRegistry, config: OperatorConfig,
+             fit: Callable[[list[dict[str, Any]]], dict[str, Any] | None] | None = None) -> Reconciler:
+    """Register every handler in `registry`; return the reconciler they share (`fit` as in Reconciler)."""
     settings_holder: dict[str, kopf.OperatorSettings] = {}
 
     def login_now() -> kopf.ConnectionInfo | None:
         settings = settings_holder.get("settings") or kopf.OperatorSettings()
         return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
 
-    reconciler = reconciler or Reconciler(KubeClient(login_now), config)
+    reconciler = Reconciler(KubeClient(login_now), config, fit=fit)
     background: dict[str, asyncio.Task] = {}
 
     @kopf.on.startup(registry=registry)

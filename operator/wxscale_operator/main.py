@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import kopf
 from prometheus_client import start_http_server
@@ -66,10 +66,14 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
 
 
 async def run_operator(config: OperatorConfig, stop_flag: threading.Event | None = None,
-                       ready_flag: threading.Event | None = None) -> None:
-    """Run the operator until stopped (signal or `stop_flag`); serve /healthz on the liveness port."""
+                       ready_flag: threading.Event | None = None,
+                       fit: Callable[[list[dict[str, Any]]], dict[str, Any] | None] | None = None) -> None:
+    """Run the operator until stopped (signal or `stop_flag`); serve /healthz on the liveness port.
+
+    `fit` replaces the scaling-law fit (default: wxscale.fit.fit_study with --fit-bootstrap resamples).
+    """
     registry = kopf.OperatorRegistry()
-    register(registry, config)
+    register(registry, config, fit=fit)
     await kopf.operator(
         registry=registry,
         standalone=True,  # one replica (Deployment strategy Recreate): no peering objects needed

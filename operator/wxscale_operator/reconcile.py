@@ -109,6 +109,7 @@ class _StudyMemory:
     records: dict[str, dict[str, Any]] | None = None
     fit_key: str | None = None
     fit: dict[str, Any] | None = None
+    fit_task: asyncio.Task | None = None
 
 
 class Reconciler:
@@ -236,7 +237,7 @@ class Reconciler:
         for creation in decision.create:
             await self._create_job(body, study, target, output, creation)
 
-        fit = await self._fit_records(memory, records)
+        fit = self._fit_records(memory, records, namespace, name)
         status = build_status(
             trials, decision.states, records, fit=fit, previous=previous, generation=generation,
             max_failed=study.spec.max_failed_trials, suspended=study.spec.suspend,
@@ -454,19 +455,32 @@ class Reconciler:
 
     # Fit and status ------------------------------------------------------------------
 
-    async def _fit_records(self, memory: _StudyMemory, records: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-        """Fit the scaling laws again when the set of succeeded trials changed, in a worker thread."""
+    def _fit_records(self, memory: _StudyMemory, records: dict[str, dict[str, Any]], namespace: str,
+                     name: str) -> dict[str, Any] | None:
+        """Return the latest fit, and start fitting again when the set of succeeded trials changed.
+
+        The fit runs in a worker thread as a background task (it can take a minute),
+        so job tracking goes on meanwhile; when it finishes it requests another pass,
+        which writes it to the status. One fit runs per study at a time.
+        """
         succeeded = [records[key] for key in sorted(records) if records[key].get("state") == "Succeeded"]
         key = ",".join(record.get("trial", "") for record in succeeded)
-        if key == memory.fit_key:
+        if key == memory.fit_key or (memory.fit_task is not None and not memory.fit_task.done()):
             return memory.fit
+        if not succeeded:
+            memory.fit, memory.fit_key = None, key
+            return None
         fit_function = self._fit or default_fit(self.config.fit_bootstrap)
-        started = time.monotonic()
-        memory.fit = await asyncio.to_thread(fit_function, succeeded) if succeeded else None
-        memory.fit_key = key
-        if succeeded:
-            logger.info("fitted scaling laws to %d succeeded trial(s) in %.1f s", len(succeeded),
-                        time.monotonic() - started)
+
+        async def fit_in_background() -> None:
+            started = time.monotonic()
+            result = await asyncio.to_thread(fit_function, succeeded)
+            memory.fit, memory.fit_key = result, key
+            logger.info("study %s/%s: fitted scaling laws to %d succeeded trial(s) in %.1f s", namespace, name,
+                        len(succeeded), time.monotonic() - started)
+            await self.request(namespace, name, "fit finished")
+
+        memory.fit_task = asyncio.create_task(fit_in_background(), name=f"fit {namespace}/{name}")
         return memory.fit
 
     async def _post_transitions(self, body: dict[str, Any], previous: dict[str, Any], status: dict[str, Any],

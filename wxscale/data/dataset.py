@@ -28,6 +28,7 @@ from wxscale.data.sources import describe_source, open_source
 from wxscale.data.stats import Climatology, normalisation_stats
 from wxscale.data.windows import SplitWindows, WindowLayout, build_splits, infer_step, to_timestamp
 from wxscale.errors import DataError
+from wxscale.planner import GridInfo
 from wxscale.spec import DataSpec
 
 logger = logging.getLogger(__name__)
@@ -324,16 +325,6 @@ def build_datasets(data: DataSpec, seed: int) -> DataBundle:
         bundle.source_description,
     )
     return bundle
-
-
-@dataclass(frozen=True)
-class GridInfo:
-    """Grid size, variables and time step of a data source after coarsening and cropping."""
-
-    n_lat: int
-    n_lon: int
-    variables: tuple[str, ...]
-    step_hours: float
 
 
 def grid_info(data: DataSpec) -> GridInfo:

@@ -62,7 +62,8 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/*
-The operator's fixed ports: the kopf liveness endpoint and the Prometheus exporter.
+Ports of the liveness endpoint (kopf, GET /healthz) and the Prometheus exporter,
+passed to the operator as --liveness-port and --metrics-port.
 */}}
 {{- define "wxscale.healthPort" -}}8080{{- end }}
 {{- define "wxscale.metricsPort" -}}9090{{- end }}
@@ -80,26 +81,27 @@ namespace when the operator watches all namespaces.
 {{- end }}
 
 {{/*
-RBAC rules for studies, jobs and events. A ClusterRole carries them when the
-operator watches all namespaces, and one Role per watched namespace otherwise.
+RBAC rules: exactly the requests the operator and kopf make. A ClusterRole
+carries them when the operator watches all namespaces, and one Role per
+watched namespace otherwise. kopf's namespace and CRD scanning is off in the
+operator, so it needs no access to namespaces or CRDs (API discovery is open
+to every authenticated client).
 */}}
-{{- define "wxscale.namespacedRules" -}}
-# The operator handles studies; kopf patches them for its progress annotations and finalizer.
+{{- define "wxscale.rules" -}}
+# kopf watches studies and patches its progress annotations on them; the operator reads one study at a time.
 - apiGroups: ["wxscale.io"]
   resources: ["scalingstudies"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status is a subresource, written with merge patches.
 - apiGroups: ["wxscale.io"]
   resources: ["scalingstudies/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
 # One PyTorchJob per trial: created, followed, suspended (patch) and stopped (delete).
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
-# Events on the study for each trial created, succeeded or failed.
+# Events on the study for each trial created, succeeded or failed (core/v1 Events).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
