@@ -4,9 +4,9 @@
 #   scripts/build-image.sh            # builds localhost/wxscale:dev
 #
 # Step 1 builds a Debian bookworm base image with debootstrap (python3, venv,
-# pip, CA certificates) and imports it as localhost/wxscale-base:bookworm; it is
+# pip, CA certificates) and imports it as localhost/wxscale-base:bookworm. It is
 # skipped when that image exists. Step 2 builds the Dockerfile on that base.
-# Podman's layer cache makes a second run quick, so the script is idempotent.
+# The script is idempotent, and podman's layer cache makes a second run quick.
 #
 # Environment (all optional):
 #   WXSCALE_IMAGE       tag of the built image (default localhost/wxscale:dev)
@@ -28,7 +28,7 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 wheels=${WHEELS_DIR:-/opt/wheels}
 ca_bundle=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 
-# runc and explicit ulimits; see the comments in that file.
+# The runc runtime and explicit ulimits, explained in that file.
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$repo/scripts/containers.conf}
 
 for program in podman debootstrap; do
@@ -52,7 +52,7 @@ else
     debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
         bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || {
         tail -n 30 "$work/debootstrap.log" >&2
-        echo "build-image.sh: debootstrap failed; full log above was cut to its last 30 lines" >&2
+        echo "build-image.sh: debootstrap failed (the last 30 lines of its log are above)" >&2
         exit 1
     }
     # The package cache and lists are only needed to install more packages.

@@ -244,8 +244,9 @@ def wait_for(check: Callable[[], Any], timeout: float = 60.0, interval: float = 
 class OperatorThread:
     """The operator (`run_operator`) in a thread with its own event loop; `stop` ends it cleanly."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, fit: Callable[[list[dict[str, Any]]], Any] | None = None):
         self.config = config
+        self.fit = fit
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wxscale-operator", daemon=True)
@@ -255,7 +256,7 @@ class OperatorThread:
         from wxscale_operator.main import run_operator
 
         try:
-            asyncio.run(run_operator(self.config, stop_flag=self._stop, ready_flag=self._ready))
+            asyncio.run(run_operator(self.config, stop_flag=self._stop, ready_flag=self._ready, fit=self.fit))
         except BaseException as error:  # reported by stop()
             self.error = error
             self._ready.set()
@@ -265,6 +266,10 @@ class OperatorThread:
         if not self._ready.wait(timeout=60) or self.error is not None:
             raise RuntimeError(f"the operator did not start: {self.error!r}")
         return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()

@@ -8,6 +8,7 @@ Kubernetes 1.30 schemas.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -381,6 +382,43 @@ def test_crd_installed_with_chart(helm: str) -> None:
     assert [crd["metadata"]["name"] for crd in crds] == ["scalingstudies.wxscale.io"]
     # Helm installs crds/ before the templates and never templates or deletes them.
     assert objects_of(render(helm), "CustomResourceDefinition") == []
+
+
+def unknown_fields(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """List the fields of `value` that `schema` does not declare, as the API server's strict field validation does."""
+    found: list[str] = []
+    if isinstance(value, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        for key, item in value.items():
+            if key in schema["properties"]:
+                found += unknown_fields(schema["properties"][key], item, f"{path}.{key}")
+            elif path == "" and key in ("apiVersion", "kind", "metadata"):
+                continue
+            else:
+                found.append(f"{path}.{key}")
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            found += unknown_fields(schema["additionalProperties"], item, f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            found += unknown_fields(schema["items"], item, f"{path}[{index}]")
+    return found
+
+
+def test_cluster_example_matches_crd() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    if not CRD_FILE.is_file():
+        pytest.skip(f"{CRD_FILE.relative_to(REPO)} is not generated yet")
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    version = next(item for item in crd["spec"]["versions"] if item["name"] == "v1alpha1")
+    schema = version["schema"]["openAPIV3Schema"]
+
+    # kubectl sends YAML dates as strings; a JSON round trip does the same here.
+    example = json.loads(json.dumps(yaml.safe_load((REPO / "examples" / "cluster-study.yaml").read_text()),
+                                    default=str))
+    # OpenAPI 3.0 schemas use the boolean exclusiveMinimum of JSON Schema draft 4.
+    errors = [f"{list(error.path)}: {error.message}" for error in jsonschema.Draft4Validator(schema).iter_errors(example)]
+    assert errors == []
+    assert unknown_fields(schema, example) == []
 
 
 # Values schema --------------------------------------------------------------

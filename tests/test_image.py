@@ -102,6 +102,13 @@ def test_trainer_module_help(image: str) -> None:
     assert "--trial" in result.stdout
 
 
+def test_torchrun_available(image: str) -> None:
+    # The operator starts every trial as `torchrun ... -m wxscale_trainer`.
+    result = podman_run(image, "torchrun", "--help")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--nproc-per-node" in result.stdout
+
+
 def test_stdlib_operator_not_shadowed(image: str) -> None:
     # The operator's sources sit in a folder named `operator/`; the standard library's module must win.
     result = podman_run(image, "python", "-c", "import operator; print(operator.__file__)")

@@ -340,6 +340,14 @@ def test_decide_vanished_job_is_retried_then_failed(trials):
     assert "disappeared" in decision.failures[0].message
 
 
+def test_decide_vanished_retry_is_not_recreated(trials):
+    jobs = [job_of("unit", trials[0], 0, "Failed")]
+    active = [{"trial": trials[0].id, "job": job_name("unit", trials[0].id, 1), "attempt": 1}]
+    decision = decide("unit", trials, jobs, {}, active, LIMITS)
+    assert decision.states[trials[0].id] == "Failed"
+    assert trials[0].id not in {c.trial.id for c in decision.create}
+
+
 def test_decide_past_max_failed_deletes_running_jobs(trials):
     jobs = [job_of("unit", trials[0], 1, "Failed"), job_of("unit", trials[1], 0, "Running"),
             job_of("unit", trials[2], 0, "Created")]

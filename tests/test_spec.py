@@ -153,3 +153,11 @@ def test_validate_cli_exit_codes(tmp_path: Path):
     bad = subprocess.run([sys.executable, "-m", "wxscale", "validate", str(path)], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "spec.model.depth" in bad.stderr
+
+
+def test_reference_doc_matches_model():
+    generated = subprocess.run([sys.executable, str(REPO / "scripts/study_reference.py")], capture_output=True,
+                               text=True, check=True).stdout
+    assert (REPO / "docs/study.md").read_text() == generated, (
+        "docs/study.md is stale: run `python scripts/study_reference.py > docs/study.md`"
+    )

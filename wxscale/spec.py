@@ -250,11 +250,33 @@ class BudgetSpec(Model):
         return self
 
 
+class CheckpointSpec(Model):
+    """Training-state checkpoints (torch.distributed.checkpoint) under the trial's output folder."""
+
+    every_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps between periodic checkpoints; null writes none before the end."
+    )
+    final: bool = Field(True, description="Write a checkpoint after the last optimizer step.")
+    keep: int = Field(
+        1, ge=1, le=1000, description="Complete checkpoints kept per trial; older ones are deleted after a newer one."
+    )
+    resume: bool = Field(
+        True, description="Resume a restarted trial from its latest complete checkpoint instead of step 0."
+    )
+
+
 class TrainingSpec(Model):
     """How each trial trains."""
 
     batch_size: int = Field(16, ge=1, le=65536, description="Global batch size in samples.")
     grad_accumulation: int = Field(1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Samples per process in one forward and backward pass. When set, the gradient accumulation is "
+        "derived as batchSize / (data-parallel processes x microBatchSize), so the global batch stays batchSize while "
+        "processes or batchSize vary; gradAccumulation must then stay 1.",
+    )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     budget: BudgetSpec = Field(default_factory=lambda: BudgetSpec(steps=200))
@@ -263,11 +285,15 @@ class TrainingSpec(Model):
         "auto", description="Scaled-dot-product attention kernel."
     )
     activation_checkpointing: bool = Field(False, description="Recompute block activations in the backward pass.")
+    activation_checkpoint_blocks: list[int] | None = Field(
+        None, description="Indices of the blocks that activationCheckpointing recomputes; default all blocks."
+    )
     seed: int = Field(0, ge=0, description="Seed for weights, data order and dataset subsets.")
     eval_every: int = Field(50, ge=1, description="Steps between validation-loss evaluations.")
     eval_batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device; 'auto' takes CUDA when present.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads per process; default all cores / processes.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Training-state checkpoints.")
 
 
 class DistributedSpec(Model):
@@ -278,10 +304,20 @@ class DistributedSpec(Model):
     strategy: Literal["ddp", "fsdp", "pipeline"] = Field("ddp", description="Parallelism across processes.")
     microbatches: int = Field(4, ge=1, description="Pipeline micro-batches per step (strategy 'pipeline').")
     pipeline_schedule: Literal["gpipe", "1f1b"] = Field("gpipe", description="Pipeline schedule.")
+    reshard_after_forward: bool = Field(
+        True,
+        description="FSDP: free the gathered parameters after the forward pass and gather them again for the backward "
+        "pass (less memory, more communication).",
+    )
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Processes that split each batch: all of them under ddp and fsdp, one pipeline under 'pipeline'."""
+        return 1 if self.strategy == "pipeline" else self.world_size
 
 
 class TrialConfig(Model):
@@ -292,13 +328,75 @@ class TrialConfig(Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
+    @property
+    def accumulation_steps(self) -> int:
+        """Forward and backward passes per optimizer step: gradAccumulation, or derived from microBatchSize."""
+        micro = self.training.micro_batch_size
+        if micro is None:
+            return self.training.grad_accumulation
+        return max(1, self.training.batch_size // (self.distributed.data_parallel_size * micro))
+
     @model_validator(mode="after")
     def _batch_divides(self) -> TrialConfig:
-        per_step = self.distributed.world_size * self.training.grad_accumulation
-        if self.distributed.strategy != "pipeline" and self.training.batch_size % per_step != 0:
+        training, layout = self.training, self.distributed
+        if training.micro_batch_size is not None:
+            per_pass = layout.data_parallel_size * training.micro_batch_size
+            if training.grad_accumulation != 1:
+                raise ValueError(
+                    f"training.gradAccumulation ({training.grad_accumulation}) must stay 1 when "
+                    f"training.microBatchSize ({training.micro_batch_size}) is set, because the accumulation is "
+                    "derived from it; remove one of the two"
+                )
+            if training.batch_size % per_pass != 0:
+                raise ValueError(
+                    f"training.batchSize ({training.batch_size}) must be divisible by data-parallel processes x "
+                    f"microBatchSize ({layout.data_parallel_size} x {training.micro_batch_size} = {per_pass})"
+                )
+        per_step = layout.data_parallel_size * self.accumulation_steps
+        if layout.strategy != "pipeline" and training.batch_size % per_step != 0:
             raise ValueError(
-                f"training.batchSize ({self.training.batch_size}) must be divisible by processes x gradAccumulation "
-                f"({self.distributed.world_size} x {self.training.grad_accumulation} = {per_step})"
+                f"training.batchSize ({training.batch_size}) must be divisible by processes x gradAccumulation "
+                f"({layout.world_size} x {self.accumulation_steps} = {per_step})"
+            )
+        if layout.strategy == "pipeline":
+            per_step = self.accumulation_steps * layout.microbatches
+            if training.batch_size % per_step != 0:
+                raise ValueError(
+                    f"training.batchSize ({training.batch_size}) must be divisible by gradAccumulation x "
+                    f"distributed.microbatches ({self.accumulation_steps} x {layout.microbatches} = {per_step}) "
+                    "under the pipeline strategy"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_fits(self) -> TrialConfig:
+        layout = self.distributed
+        if layout.strategy != "pipeline":
+            return self
+        stages = layout.world_size
+        if self.model.depth < stages:
+            raise ValueError(
+                f"the pipeline strategy puts at least one block on each of its {stages} stages (one per process), "
+                f"but model.depth is {self.model.depth}; use fewer processes or more blocks"
+            )
+        # torch.distributed.pipelining's 1F1B schedule needs a micro-batch in flight on every stage.
+        if layout.pipeline_schedule == "1f1b" and layout.microbatches < stages:
+            raise ValueError(
+                f"distributed.microbatches ({layout.microbatches}) must be at least the number of pipeline stages "
+                f"({stages}, one per process) under the 1f1b schedule; raise microbatches or use pipelineSchedule: gpipe"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoint_blocks_exist(self) -> TrialConfig:
+        blocks = self.training.activation_checkpoint_blocks
+        if blocks is None:
+            return self
+        outside = sorted({index for index in blocks if not 0 <= index < self.model.depth})
+        if outside:
+            raise ValueError(
+                f"training.activationCheckpointBlocks {outside} name no block of the {self.model.depth} blocks "
+                f"(valid indices 0..{self.model.depth - 1})"
             )
         return self
 

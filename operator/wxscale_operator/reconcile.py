@@ -187,6 +187,7 @@ class Reconciler:
         """Drop the in-memory state of a deleted study."""
         key = (namespace, name)
         self._known.discard(key)
+        metrics.forget_study(namespace, name)
         for table in (self._locks, self._requested, self._covered, self._failures, self._retry_at):
             table.pop(key, None)
         if uid:
@@ -356,7 +357,9 @@ class Reconciler:
                 new[trial_id] = output.read_json(f"{trial_folder(trial_id)}/result.json")
             return new
 
-        memory.records.update(await asyncio.to_thread(read_new))
+        new_records = await asyncio.to_thread(read_new)
+        metrics.RESULTS_COLLECTED.inc(len(new_records))
+        memory.records.update(new_records)
         return {trial.id: memory.records[trial.id] for trial in trials if trial.id in memory.records}
 
     # Actions -------------------------------------------------------------------------
@@ -378,6 +381,7 @@ class Reconciler:
             await asyncio.to_thread(output.write_json, f"{trial_folder(trial.id)}/result.json", record)
             records[trial.id] = record
             metrics.TRIALS_FINISHED.labels(state="Failed").inc()
+            metrics.JOBS_FAILED.inc()
             logger.warning("study %s: trial %s failed after %d attempt(s): %s", study.metadata.name, trial.id,
                            failure.attempt + 1, message)
             await self._event(body, "Warning", "TrialFailed",
@@ -434,6 +438,8 @@ class Reconciler:
         layout = trial.config.distributed
         detail = f"{layout.nodes} node(s) x {layout.procs_per_node} process(es)"
         if creation.retry_of:
+            metrics.JOBS_FAILED.inc()
+            metrics.JOBS_RETRIED.inc()
             logger.warning("study %s/%s: trial %s attempt %d failed (%s); created PyTorchJob %s", target.namespace,
                            target.study, trial.id, attempt - 1, creation.retry_of, name)
             await self._event(body, "Warning", "TrialRetrying", f"trial {trial.id} attempt {attempt - 1} failed: "
@@ -503,6 +509,7 @@ class Reconciler:
 
     async def _write_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
         """Merge-patch the status subresource when it changed."""
+        metrics.observe_study(body["metadata"]["namespace"], body["metadata"]["name"], status)
         patch = status_patch(body.get("status") or {}, status)
         if patch is None:
             return

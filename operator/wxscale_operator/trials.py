@@ -17,8 +17,8 @@ Per trial, in this order:
   1. A result record exists: the trial is Succeeded or Failed as the record says.
   2. The latest job (highest attempt) is running, restarting, created or
      suspended: Running.
-  3. The latest job failed, succeeded without a result record, or disappeared
-     while status.active listed it: the attempt failed. With attempts left
+  3. The latest job failed or succeeded without a result record, or the job
+     status.active lists for the trial is gone: the attempt failed. With attempts left
      (attempt < maxRetries) the next attempt is created; otherwise the trial fails.
   4. Otherwise: Pending.
 Past maxFailedTrials no job is created and every running job is deleted;
@@ -133,17 +133,18 @@ def decide(study: str, trials: list[Trial], jobs: list[dict[str, Any]], records:
             continue
 
         job = latest.get(trial.id)
-        if job is None:
-            entry = was_active.get(trial.id)
-            if entry is None:
-                decision.states[trial.id] = "Pending"
-                pending.append(trial)
-                continue
+        entry = was_active.get(trial.id)
+        if entry is not None and (job is None or int(entry.get("attempt", 0)) > job_attempt(job)):
+            # The job status.active names is gone (older attempts may remain).
             before = len(retries)
             attempt_failed(trial, int(entry.get("attempt", 0)),
                            f"PyTorchJob {entry.get('job')} disappeared before it finished", None)
             if len(retries) > before:
                 kept_vanished.append(entry)
+            continue
+        if job is None:
+            decision.states[trial.id] = "Pending"
+            pending.append(trial)
             continue
 
         phase = job_phase(job)

@@ -137,8 +137,10 @@ class Telemetry:
     """The Prometheus metrics of one trainer process, labelled with its study, trial, rank and node."""
 
     def __init__(self, study: str, trial: str, rank: int = 0, node: str | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, peak_flops: float | None = None):
+        """`peak_flops` (FLOP/s of this process's device) replaces the table or the measured CPU rate in MFU."""
         self.device = device or torch.device("cpu")
+        self._peak_override = peak_flops
         self.labels = {"study": study, "trial": trial, "rank": str(rank), "node": node or default_node_name()}
         self.registry = CollectorRegistry()
         self._server = None
@@ -245,13 +247,13 @@ class Telemetry:
     # Reports from the training loop ----------------------------------------------
 
     def start(self, *, planned_steps: int, flops_per_sample: float, tokens_per_sample: int, precision: str,
-              strategy: str, world_size: int, peak_flops: float | None = None) -> None:
-        """Set what the trial plans and resolve the peak FLOP/s (`peak_flops` overrides it)."""
+              strategy: str, world_size: int) -> None:
+        """Set what the trial plans and resolve the peak FLOP/s; on CPU this measures the matmul rate once."""
         self._flops_per_sample = float(flops_per_sample)
         self._tokens_per_sample = int(tokens_per_sample)
         self._planned_steps.set(planned_steps)
 
-        self.peak_flops, source = peak_flops_for(self.device, precision, peak_flops)
+        self.peak_flops, source = peak_flops_for(self.device, precision, self._peak_override)
         if self.peak_flops is not None:
             self._peak.set(self.peak_flops)
             logger.info("MFU peak: %.3g FLOP/s from %s", self.peak_flops, source)

@@ -25,6 +25,7 @@ from wxscale.spec import API_VERSION
 from wxscale_trainer.evaluate import evaluate_test, inference_latency, mean_loss
 from wxscale_trainer.runtime import Runtime, peak_rss_bytes
 from wxscale_trainer.schedule import lr_multiplier
+from wxscale_trainer.telemetry import Telemetry
 from wxscale.trialspec import TrialSpec
 
 logger = logging.getLogger(__name__)
@@ -50,15 +51,21 @@ def infinite(loader: DataLoader, sampler):
         epoch += 1
 
 
-def run_trial(trial: TrialSpec, runtime: Runtime) -> dict[str, Any]:
-    """Train and evaluate one trial; return its result record (on every rank)."""
+def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = None) -> dict[str, Any]:
+    """Train and evaluate one trial; return its result record (on every rank).
+
+    `telemetry` receives the metrics; without one, the metrics are only collected for the record.
+    """
     config = trial.config
     training = config.training
     device = runtime.device
+    telemetry = telemetry or Telemetry(trial.study, trial.trial, rank=runtime.rank, device=device)
     torch.manual_seed(training.seed)
 
     # Data: splits, normalisation statistics and climatology from the training period.
+    tick = time.perf_counter()
     bundle = build_datasets(config.data, seed=training.seed)
+    telemetry.record_data_source_read(bundle.values.nbytes, time.perf_counter() - tick)
     n_vars = len(bundle.variables)
     grid = tuple(bundle.grid)
     in_channels = config.data.history * n_vars
@@ -93,6 +100,7 @@ def run_trial(trial: TrialSpec, runtime: Runtime) -> dict[str, Any]:
 
     if runtime.distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        telemetry.attach_ddp(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.optimizer.lr,
                                   betas=(training.optimizer.beta1, training.optimizer.beta2),
                                   weight_decay=training.optimizer.weight_decay)
@@ -102,6 +110,9 @@ def run_trial(trial: TrialSpec, runtime: Runtime) -> dict[str, Any]:
     logger.info("trial %s: %d params (%d non-embedding), grid %s, %d train / %d val / %d test samples, %d steps, "
                 "%.3g FLOPs per sample", trial.trial, cost.params, cost.non_embedding_params, grid,
                 len(bundle.train), len(bundle.validation), len(bundle.test), trial.steps, cost.flops_per_sample)
+    telemetry.start(planned_steps=trial.steps, flops_per_sample=cost.flops_per_sample,
+                    tokens_per_sample=cost.tokens_per_sample, precision=training.precision,
+                    strategy=config.distributed.strategy, world_size=runtime.world_size)
 
     # Training loop.
     batches = infinite(train_loader, sampler)
@@ -114,12 +125,15 @@ def run_trial(trial: TrialSpec, runtime: Runtime) -> dict[str, Any]:
             group["lr"] = training.optimizer.lr * lr_multiplier(step, trial.steps, training.schedule)
 
         step_loss = 0.0
+        step_data = step_forward_backward = 0.0
+        step_bytes = 0
         for micro in range(training.grad_accumulation):
             tick = time.perf_counter()
             x, y, mask = next(batches)
             x, y, mask = x.to(device, non_blocking=True), y.to(device, non_blocking=True), mask.to(device)
             tock = time.perf_counter()
-            data_wait += tock - tick
+            step_data += tock - tick
+            step_bytes += x.nbytes + y.nbytes + mask.nbytes
 
             # Only the last micro-batch all-reduces gradients under DDP.
             sync = contextlib.nullcontext() if (micro == training.grad_accumulation - 1 or not runtime.distributed) \
@@ -130,7 +144,7 @@ def run_trial(trial: TrialSpec, runtime: Runtime) -> dict[str, Any]:
                 loss = latitude_weighted_mse_loss(prediction.float(), y, weights, mask)
                 scaler.scale(loss / training.grad_accumulation).backward()
             step_loss += loss.item() / training.grad_accumulation
-            compute += time.perf_counter() - tock
+            step_forward_backward += time.perf_counter() - tock
 
         tick = time.perf_counter()
         if training.optimizer.grad_clip is not None:
@@ -139,7 +153,10 @@ def run_trial(trial: TrialSpec, runtime: Runtime) -> dict[str, Any]:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        compute += time.perf_counter() - tick
+        # NOTE: on CUDA the optimizer's kernels run asynchronously; their time shows in the next step's phases.
+        step_optimizer = time.perf_counter() - tick
+        data_wait += step_data
+        compute += step_forward_backward + step_optimizer
 
         if not math.isfinite(step_loss):
             from wxscale.errors import WxscaleError
@@ -149,11 +166,15 @@ def run_trial(trial: TrialSpec, runtime: Runtime) -> dict[str, Any]:
         train_loss_sum += step_loss
         train_loss_count += 1
         last_train_loss = step_loss
+        telemetry.record_step(samples=per_rank_batch * training.grad_accumulation, loss=step_loss,
+                              data_seconds=step_data, forward_backward_seconds=step_forward_backward,
+                              optimizer_seconds=step_optimizer, batch_bytes=step_bytes)
 
         # Validation along the way: the over/underfitting check.
         done = step + 1
         if done % training.eval_every == 0 or done == trial.steps:
             val_loss = mean_loss(model, val_loader, weights, device, autocast, max_batches=training.eval_batches)
+            telemetry.record_validation(val_loss)
             point = {"step": done, "trainLoss": train_loss_sum / train_loss_count, "validationLoss": val_loss}
             curve.append(point)
             train_loss_sum, train_loss_count = 0.0, 0
@@ -233,4 +254,5 @@ def run_trial(trial: TrialSpec, runtime: Runtime) -> dict[str, Any]:
         },
         "inference": inference,
         "evaluation": evaluation,
+        "telemetry": telemetry.final_record(),
     }
