@@ -7,6 +7,7 @@
 # pip, CA certificates) and imports it as localhost/wxscale-base:bookworm. It is
 # skipped when that image exists. Step 2 builds the Dockerfile on that base.
 # The script is idempotent, and podman's layer cache makes a second run quick.
+# Layers of earlier builds stay in podman's store; `podman image prune` removes them.
 #
 # Environment (all optional):
 #   WXSCALE_IMAGE       tag of the built image (default localhost/wxscale:dev)
@@ -69,7 +70,7 @@ if [[ -d $wheels ]]; then
     build_args+=(--build-arg PIP_FIND_LINKS=/wheels)
 fi
 if [[ -f $ca_bundle ]]; then
-    # Mounted over the image's own bundle for RUN steps only; the image keeps Debian's bundle.
+    # Mounted over the image's own bundle for RUN steps only, so the image keeps Debian's bundle.
     volumes+=(-v "$ca_bundle:/etc/ssl/certs/ca-certificates.crt:ro")
     build_args+=(--build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
 fi

@@ -2,16 +2,16 @@
 
 kmock serves the Kubernetes REST API over real HTTP with watch streams, but it
 is not an API server. `ApiEmulator` fills the gaps the operator depends on:
-  - create answers 201 and assigns uid, resourceVersion, creationTimestamp and
+  - create returns 201 and assigns uid, resourceVersion, creationTimestamp and
     generation 1; `generateName` becomes a name (kopf's events use it);
   - a patch bumps resourceVersion, and generation when it touches `spec`
     (a real API server bumps it only if the spec really changed);
   - with a status subresource, a patch of the object ignores `status` and a
     patch of `/status` changes only `status`.
-Still missing, and emulated by the tests where they need it: label selectors
-(clients filter again), owner-reference garbage collection (`collect_garbage`),
-CRD schema validation and CEL rules, and any controller: PyTorchJobs never
-get pods, so tests write job conditions as the training operator would.
+Still missing: label selectors (clients filter again), owner-reference
+garbage collection (`collect_garbage` emulates it), CRD schema validation and
+CEL rules, and any controller. PyTorchJobs never get pods, so tests write job
+conditions as the training operator would.
 
 `FakeCluster` runs the emulator in its own thread and event loop and offers
 synchronous get/list/create/patch/delete over HTTP, like kubectl would.

@@ -34,9 +34,11 @@ WATCH_VALUES = [
     "--set", "s3.endpoint=http://minio.minio.svc:9000",
     "--set", "s3.credentialsSecret=wxscale-s3",
     "--set", "operator.defaultOutput=s3://wxscale-results/studies",
+    "--set", "dashboards.enabled=true",
 ]
 
-# (API group, resource) -> verbs: every request the operator and kopf make, and nothing else.
+# (API group, resource) -> verbs: the requests the operator and kopf make, plus `get` next to
+# `list` or `patch`, which exposes nothing more. No other access may be granted.
 RULES = {
     ("wxscale.io", "scalingstudies"): {"get", "list", "watch", "patch"},
     ("wxscale.io", "scalingstudies/status"): {"get", "patch"},

@@ -8,6 +8,7 @@ put result records into S3.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import boto3
+import kopf
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -29,11 +31,13 @@ from kube_helpers import EVENTS, JOBS, STUDIES, FakeCluster, OperatorThread, wai
 from wxscale.planner import Trial, plan
 from wxscale.spec import ScalingStudy
 from wxscale_operator.config import OperatorConfig
+from wxscale_operator.handlers import register
+from wxscale_operator.jobs import JobTarget, pytorchjob_manifest
 from wxscale_operator.naming import TRIAL_LABEL, job_name
 
 BUCKET = "studies"
 NAMESPACES = ("finish", "failing", "retry", "restart", "suspend", "edit", "immutable", "delete", "invalid",
-              "multinode", "cli")
+              "multinode", "cli", "conflict")
 
 # Planted law for the fake results: test loss = E + A / C^ALPHA, C = training FLOPs.
 E, A, ALPHA = 0.1, 2000.0, 0.25
@@ -204,7 +208,8 @@ def test_study_runs_to_success_with_fit(cluster, s3, start_operator):
     for job in jobs.values():
         owner = job["metadata"]["ownerReferences"][0]
         assert owner["uid"] == study["metadata"]["uid"]
-        assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
+        assert owner["controller"] is True
+        assert owner["blockOwnerDeletion"] is True
         assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
         trial_id = job["metadata"]["labels"][TRIAL_LABEL]
         assert job["metadata"]["name"] == job_name(name, trial_id)
@@ -274,11 +279,14 @@ def test_failures_past_budget_stop_running_jobs(cluster, s3, start_operator):
     failed_entry = next(r for r in status["results"] if r["trial"] == trial_id)
     assert failed_entry["error"] == "RuntimeError: CUDA out of memory"
     reasons = events_in(cluster, namespace)
-    assert "TrialFailed" in reasons and "StudyFailed" in reasons
+    assert "TrialFailed" in reasons
+    assert "StudyFailed" in reasons
 
-    # Resync passes create nothing more.
+    # Resync passes create nothing more and, with nothing changed, write nothing.
+    version = cluster.get(STUDIES, namespace, name)["metadata"]["resourceVersion"]
     time.sleep(2.5)
     assert list(jobs_in(cluster, namespace)) == [broken["metadata"]["name"]]
+    assert cluster.get(STUDIES, namespace, name)["metadata"]["resourceVersion"] == version
 
 
 def test_retry_then_vanished_job_fails_trial(cluster, s3, start_operator):
@@ -335,8 +343,10 @@ def test_restart_neither_duplicates_jobs_nor_loses_results(cluster, s3, start_op
     assert status["trials"]["running"] == 2
     assert {r["trial"] for r in status["results"] if r["state"] == "Succeeded"} == {
         jobs[first]["metadata"]["labels"][TRIAL_LABEL], jobs[second]["metadata"]["labels"][TRIAL_LABEL]}
+    version = cluster.get(STUDIES, namespace, name)["metadata"]["resourceVersion"]
     time.sleep(2.5)  # a few resync passes
     assert set(jobs_in(cluster, namespace)) == set(jobs_now)
+    assert cluster.get(STUDIES, namespace, name)["metadata"]["resourceVersion"] == version
     assert events_in(cluster, namespace).count("TrialSucceeded") == 2
 
 
@@ -356,15 +366,16 @@ def test_suspend_and_resume(cluster, s3, start_operator):
 
     # A finished job frees a slot, but a suspended study starts nothing.
     trials = trials_of(study_document(name, namespace))
-    succeed(cluster, s3, namespace, name, next(iter(jobs.values())), trials)
+    done = next(iter(jobs.values()))
+    succeed(cluster, s3, namespace, name, done, trials)
     wait_for(lambda: status_of(cluster, namespace, name).get("trialsSucceeded") == 1, what="1 trial succeeded")
     time.sleep(2.5)
     assert len(jobs_in(cluster, namespace)) == 2
 
     cluster.patch(STUDIES, namespace, name, {"spec": {"suspend": False}})
     wait_for(lambda: len(jobs_in(cluster, namespace)) == 3, what="a new job after resuming")
-    wait_for(lambda: not any(j["spec"]["runPolicy"]["suspend"] for j in jobs_in(cluster, namespace).values()),
-             what="jobs resumed")
+    wait_for(lambda: not any(j["spec"]["runPolicy"]["suspend"] for n, j in jobs_in(cluster, namespace).items()
+                             if n != done["metadata"]["name"]), what="unfinished jobs resumed")
     assert {"JobSuspended", "JobResumed"} <= set(events_in(cluster, namespace))
 
 
@@ -468,7 +479,7 @@ def test_deleted_study_is_forgotten(cluster, s3, start_operator):
 
 
 def test_entry_point_serves_health_and_metrics(cluster, s3, tmp_path):
-    """`wxscale-operator` as a process: liveness and metrics answer, SIGTERM stops it."""
+    """`wxscale-operator` as a process: liveness and metrics respond, and SIGTERM stops it."""
     metrics_port, liveness_port = free_port(), free_port()
     command = [sys.executable, "-m", "wxscale_operator", "--namespace", "cli", "--bind-address", "127.0.0.1",
                "--metrics-port", str(metrics_port), "--liveness-port", str(liveness_port),
@@ -495,3 +506,32 @@ def test_entry_point_serves_health_and_metrics(cluster, s3, tmp_path):
         code = process.wait(timeout=60)
         log.close()
     assert code == 0, (tmp_path / "operator.log").read_text()[-3000:]
+
+
+def test_existing_job_name_is_not_an_error(cluster, s3):
+    """A create that returns 409 (the job exists but the listing missed it) leaves the job as it is."""
+    namespace, name = "conflict", "conflict"
+    document = study_document(name, namespace, axes=[])
+    study = cluster.create(STUDIES, namespace, document)
+    trial = next(iter(trials_of(document).values()))
+    target = JobTarget(study=name, namespace=namespace, study_uid=study["metadata"]["uid"],
+                       output_url=document["spec"]["output"])
+    existing = pytorchjob_manifest(trial, 0, ScalingStudy.model_validate(document).spec.cluster, target, "s3://x/y")
+    existing["metadata"]["labels"] = {}  # invisible to the operator's label filter
+    cluster.create(JOBS, namespace, existing)
+
+    reconciler = register(kopf.OperatorRegistry(), operator_config(namespace, s3))
+
+    async def one_pass() -> None:
+        try:
+            await reconciler.reconcile(namespace, name)
+        finally:
+            await reconciler.client.close()
+
+    asyncio.run(one_pass())
+    jobs = jobs_in(cluster, namespace)
+    assert list(jobs) == [existing["metadata"]["name"]]
+    assert jobs[existing["metadata"]["name"]]["metadata"]["labels"] == {}
+    assert status_of(cluster, namespace, name)["trials"]["running"] == 1
+    cluster.delete(STUDIES, namespace, name)
+    cluster.collect_garbage(namespace)

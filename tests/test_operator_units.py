@@ -305,7 +305,7 @@ def test_decide_finished_trials_come_from_records(trials):
     assert decision.failures == []
 
 
-def test_decide_retries_a_failed_job_with_the_next_attempt(trials):
+def test_decide_retries_failed_job(trials):
     jobs = [job_of("unit", trials[0], 0, "Failed")]
     decision = decide("unit", trials, jobs, {}, [], LIMITS)
     first = decision.create[0]
@@ -384,7 +384,9 @@ def test_decide_is_stable_when_nothing_changed(trials):
     first = decide("unit", trials, [], {}, [], LIMITS)
     jobs = [job_of("unit", c.trial, c.attempt, "Running") for c in first.create]
     second = decide("unit", trials, jobs, {}, first.active, LIMITS)
-    assert second.create == [] and second.delete == [] and second.failures == []
+    assert second.create == []
+    assert second.delete == []
+    assert second.failures == []
     assert second.active == first.active
 
 
@@ -395,6 +397,8 @@ def test_status_patch_skips_unchanged_and_deletes_removed_fields():
     old = {"phase": "Running", "updatedAt": "2026-01-01T00:00:00Z", "fittedExponent": 0.2}
     assert status_patch(old, {"phase": "Running", "updatedAt": "2026-01-01T00:01:00Z",
                               "fittedExponent": 0.2}) is None
+    # A null member equals an absent one: the merge patch that wrote it deleted it.
+    assert status_patch(old, {**old, "bestTestRMSE": None, "updatedAt": "2026-01-01T00:03:00Z"}) is None
     patch = status_patch(old, {"phase": "Succeeded", "updatedAt": "2026-01-01T00:02:00Z"})
     assert patch == {"phase": "Succeeded", "updatedAt": "2026-01-01T00:02:00Z", "fittedExponent": None}
 
@@ -449,3 +453,49 @@ def test_status_results_are_bounded():
     assert len(status["results"]) == 200
     assert status["resultsTruncated"] is True
     assert len(json.dumps(status)) < 200_000
+
+
+# Spec acceptance ------------------------------------------------------------------------
+
+
+def study_body(**spec_overrides: Any) -> dict[str, Any]:
+    body = json.loads(json.dumps(make_study(**spec_overrides).dump()))
+    body["metadata"].update(namespace="research", uid=UID)
+    return body
+
+
+def test_accept_resolves_output_from_spec_or_default():
+    from wxscale_operator.config import OperatorConfig
+    from wxscale_operator.reconcile import Reconciler
+
+    reconciler = Reconciler(client=None, config=OperatorConfig(default_output="s3://root/studies/"))
+    _, output, _ = reconciler._accept(study_body(), "research")
+    assert output.url == "s3://studies/unit"
+    _, output, _ = reconciler._accept(study_body(output=None), "research")
+    assert output.url == "s3://root/studies/research/unit"
+
+
+@pytest.mark.parametrize("output, reason", [(None, "OutputMissing"), ("runs/unit", "OutputNotShared"),
+                                            ("file:///data/unit", "OutputNotShared")])
+def test_accept_rejects_unshared_output(output, reason):
+    from wxscale_operator.config import OperatorConfig
+    from wxscale_operator.reconcile import Reconciler, SpecRejected
+
+    reconciler = Reconciler(client=None, config=OperatorConfig())
+    with pytest.raises(SpecRejected) as rejected:
+        reconciler._accept(study_body(output=output), "research")
+    assert rejected.value.reason == reason
+    assert "s3://bucket/studies/unit" in rejected.value.message
+
+
+def test_accept_rejects_changed_data():
+    from wxscale_operator.config import OperatorConfig
+    from wxscale_operator.reconcile import Reconciler, SpecRejected
+
+    reconciler = Reconciler(client=None, config=OperatorConfig())
+    body = study_body()
+    body["status"] = {"specFingerprint": spec_fingerprint(make_study(model={"depth": 3, "heads": 2,
+                                                                           "embedDim": 64}))}
+    with pytest.raises(SpecRejected) as rejected:
+        reconciler._accept(body, "research")
+    assert rejected.value.reason == "ImmutableFieldChanged"

@@ -429,6 +429,26 @@ def _percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float 
     return float(low), float(high)
 
 
+def _group_rows(groups: Sequence[Any] | None, n_points: int) -> list[np.ndarray] | None:
+    """Return the point indices of each distinct group label, in order of first appearance."""
+    if groups is None:
+        return None
+    if len(groups) != n_points:
+        raise FitError(f"groups must have one label per point, got {len(groups)} for {n_points} points")
+    rows: dict[Any, list[int]] = {}
+    for i, label in enumerate(groups):
+        rows.setdefault(label, []).append(i)
+    return [np.array(indices, dtype=int) for indices in rows.values()]
+
+
+def _resample_rows(rng: np.random.Generator, group_rows: list[np.ndarray] | None, n_points: int) -> np.ndarray:
+    """Draw one bootstrap resample: points with replacement, or whole groups with replacement."""
+    if group_rows is None:
+        return rng.integers(0, n_points, size=n_points)
+    picked = rng.integers(0, len(group_rows), size=len(group_rows))
+    return np.concatenate([group_rows[i] for i in picked])
+
+
 def _fit_law(
     columns: Sequence[np.ndarray],
     loss: np.ndarray,
@@ -441,8 +461,13 @@ def _fit_law(
     grid: StartGrid,
     huber_delta: float,
     bootstrap_starts: int,
+    groups: Sequence[Any] | None = None,
 ) -> ScalingFit:
-    """Fit one law to the points and bootstrap it; shared by fit_power_law and fit_chinchilla."""
+    """Fit one law to the points and bootstrap it; shared by fit_power_law and fit_chinchilla.
+
+    With `groups` (one label per point) the bootstrap resamples whole groups, so points
+    that share a trial stay together and their dependence widens the intervals.
+    """
     log_columns = np.column_stack([np.log(column) for column in columns])
     centre = log_columns.mean(axis=0)
 
@@ -471,9 +496,10 @@ def _fit_law(
             break
 
     rng = np.random.default_rng(seed)
+    group_rows = _group_rows(groups, len(loss))
     samples = []
     for _ in range(n_boot):
-        rows = rng.integers(0, len(loss), size=len(loss))
+        rows = _resample_rows(rng, group_rows, len(loss))
         if not _has_enough_points([column[rows] for column in columns]):
             continue
         boot_best, _ = _best_run(make_problem(rows), boot_starts)
@@ -570,6 +596,7 @@ def fit_chinchilla(
     grid: StartGrid | None = None,
     huber_delta: float = HUBER_DELTA,
     bootstrap_starts: int = 2,
+    groups: Sequence[Any] | None = None,
 ) -> ScalingFit:
     """Fit L(N, D) = E + A / N^alpha + B / D^beta and derive the compute-optimal allocation.
 
@@ -581,6 +608,9 @@ def fit_chinchilla(
     The result's `compute_optimal` contains the exponents a = beta / (alpha + beta) and
     b = alpha / (alpha + beta) of N_opt and D_opt, and G, each with its bootstrap
     interval. `flops` (C per trial) gives k = median C / (N D) for `allocate`.
+
+    `groups` labels each point with its trial when a trial gives several points (a
+    compute ladder); the bootstrap then resamples trials, not points.
 
     Raises FitError unless N and D each take at least 2 values and the trials form at
     least 6 distinct (N, D) pairs, or when a value is not positive.
@@ -610,6 +640,7 @@ def fit_chinchilla(
             grid=grid or StartGrid(),
             huber_delta=huber_delta,
             bootstrap_starts=bootstrap_starts,
+            groups=groups,
         )
     result.compute_optimal = compute_optimal(result, k_values)
     return result

@@ -152,8 +152,18 @@ class _Point:
     origins: dict[str, str]  # field path -> spec location that set it
 
 
-def _points(study: ScalingStudy, base: dict[str, Any]) -> tuple[list[_Point], list[str]]:
-    """Return the raw grid points with the location each setting came from, and path problems."""
+def _points(
+    study: ScalingStudy, base: dict[str, Any], grid_resolver: Callable[[DataSpec], GridInfo] | None = None
+) -> tuple[list[_Point], list[str]]:
+    """Return the raw grid points with the location each setting came from, and path problems.
+
+    A `spec.design` places its points by their FLOPs, which needs the data grid (`grid_resolver`).
+    """
+    if study.spec.design is not None:
+        from wxscale.designs import design_points
+
+        return design_points(study, base, grid_resolver or default_grid_resolver)
+
     problems: list[str] = []
     if study.spec.points is not None:
         points = []
@@ -212,13 +222,16 @@ def _resolve(base: dict[str, Any], point: _Point) -> tuple[TrialConfig | None, l
         return None, problems
 
 
-def expand(study: ScalingStudy) -> tuple[list[tuple[dict[str, Any], TrialConfig]], list[str]]:
+def expand(
+    study: ScalingStudy, grid_resolver: Callable[[DataSpec], GridInfo] | None = None
+) -> tuple[list[tuple[dict[str, Any], TrialConfig]], list[str]]:
     """Return (axis values, resolved config) for every trial, and the problems found.
 
     Duplicate configs (two axis values that resolve to the same trial) are kept once.
+    A study with `spec.design` reads its data grid through `grid_resolver` (default: the data source).
     """
     base = _base_document(study)
-    points, problems = _points(study, base)
+    points, problems = _points(study, base, grid_resolver)
     trials: list[tuple[dict[str, Any], TrialConfig]] = []
     seen: set[str] = set()
     for point in points:
@@ -236,7 +249,15 @@ def expand(study: ScalingStudy) -> tuple[list[tuple[dict[str, Any], TrialConfig]
 
 
 def axis_problems(study: ScalingStudy) -> list[str]:
-    """Return the problems that the axes and points of a study produce."""
+    """Return the problems that the axes and points of a study produce.
+
+    For a `spec.design` only the shapes of `design.sizes` are checked here, which needs no
+    data; `plan` checks the budgets against the FLOPs of each shape.
+    """
+    if study.spec.design is not None:
+        from wxscale.designs import size_problems
+
+        return size_problems(study, _base_document(study))
     return expand(study)[1]
 
 
@@ -260,15 +281,18 @@ def default_grid_resolver(data: DataSpec) -> GridInfo:
 def plan(study: ScalingStudy, grid_resolver: Callable[[DataSpec], GridInfo] | None = None) -> list[Trial]:
     """Expand the study and attach each trial's parameters, steps and analytic FLOPs.
 
-    Raises StudyError if the axes produce invalid trials (see `expand`).
+    A trial's `total_flops` includes the cool-down branches of `training.ladderSteps`.
+    Raises StudyError if the axes produce invalid trials (see `expand`), if a trial's
+    ladder does not fit its length, or if the trials exceed `spec.computeBudget`.
     """
+    from wxscale.designs import ladder_branch_steps, ladder_problems
     from wxscale.errors import StudyError
     from wxscale.flops import model_cost
 
-    configs, problems = expand(study)
+    resolver = grid_resolver or default_grid_resolver
+    configs, problems = expand(study, resolver)
     if problems:
         raise StudyError(f"ScalingStudy {study.metadata.name}", problems)
-    resolver = grid_resolver or default_grid_resolver
     grids: dict[str, GridInfo] = {}
 
     trials = []
@@ -288,6 +312,8 @@ def plan(study: ScalingStudy, grid_resolver: Callable[[DataSpec], GridInfo] | No
         )
         steps = training_steps(config, cost.flops_per_sample)
         samples = steps * config.training.batch_size
+        problems.extend(ladder_problems(config, steps, f"trial {index} ({_describe(axis_values)})"))
+        branch_samples = ladder_branch_steps(config) * config.training.batch_size
         trials.append(
             Trial(
                 id=_trial_id(config),
@@ -299,9 +325,55 @@ def plan(study: ScalingStudy, grid_resolver: Callable[[DataSpec], GridInfo] | No
                 params=cost.params,
                 non_embedding_params=cost.non_embedding_params,
                 flops_per_sample=cost.flops_per_sample,
-                total_flops=cost.flops_per_sample * samples,
+                total_flops=cost.flops_per_sample * (samples + branch_samples),
                 grid=(grid.n_lat, grid.n_lon),
                 variables=tuple(grid.variables),
             )
         )
+    if problems:
+        raise StudyError(f"ScalingStudy {study.metadata.name}", problems)
+    check_compute_budget(study, trials)
     return trials
+
+
+def _describe(axis_values: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in axis_values.items()) or "base config"
+
+
+def check_compute_budget(study: ScalingStudy, trials: list[Trial]) -> None:
+    """Raise StudyError when the planned trials exceed `spec.computeBudget`, saying by how much.
+
+    GPU-hours are estimated as total planned FLOPs / flopsPerGpuSecond / 3600.
+    """
+    from wxscale.errors import StudyError
+
+    cap = study.spec.compute_budget
+    if cap is None:
+        return
+    total = sum(trial.total_flops for trial in trials)
+    problems = []
+    if cap.max_flops is not None and total > cap.max_flops:
+        excess = total - cap.max_flops
+        problems.append(
+            f"spec.computeBudget.maxFlops: the {len(trials)} trials plan {total:.4g} training FLOPs, "
+            f"{excess:.4g} FLOPs ({100 * excess / cap.max_flops:.1f} %) over the cap of {cap.max_flops:.4g}; "
+            f"{_largest_costs(trials)}. Lower the budgets, drop trials or raise the cap"
+        )
+    if cap.max_gpu_hours is not None:
+        hours = total / cap.flops_per_gpu_second / 3600.0
+        if hours > cap.max_gpu_hours:
+            excess = hours - cap.max_gpu_hours
+            problems.append(
+                f"spec.computeBudget.maxGpuHours: the {len(trials)} trials plan an estimated {hours:.4g} GPU-hours "
+                f"({total:.4g} FLOPs at {cap.flops_per_gpu_second:.4g} FLOP/s per GPU), {excess:.4g} GPU-hours "
+                f"({100 * excess / cap.max_gpu_hours:.1f} %) over the cap of {cap.max_gpu_hours:g}; "
+                f"{_largest_costs(trials)}. Lower the budgets, drop trials or raise the cap"
+            )
+    if problems:
+        raise StudyError(f"ScalingStudy {study.metadata.name}", problems)
+
+
+def _largest_costs(trials: list[Trial], count: int = 3) -> str:
+    largest = sorted(trials, key=lambda trial: trial.total_flops, reverse=True)[:count]
+    listed = ", ".join(f"#{trial.index} {trial.total_flops:.3g} ({_describe(trial.axis_values)})" for trial in largest)
+    return f"the largest trials are {listed}"

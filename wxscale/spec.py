@@ -140,6 +140,54 @@ class StorageSpec(Model):
     anonymous: bool = Field(False, description="Read without credentials (public buckets).")
 
 
+class LoaderSpec(Model):
+    """How a trial reads its data: loaded into memory, or streamed from storage in chunk-aligned blocks."""
+
+    mode: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="'memory' loads the time steps the samples use into RAM. 'stream' reads the training split from "
+        "storage in blocks of whole time chunks while training; validation and test stay in memory. 'auto' streams "
+        "when the float32 size of the training period exceeds streamAboveMB. The synthetic source is always in memory.",
+    )
+    stream_above_mb: float = Field(4096.0, gt=0, description="Training-period size in MB above which 'auto' streams.")
+    memory_mb: float = Field(
+        1024.0,
+        gt=0,
+        description="Memory budget of the streaming loader in MB: blocks being read, queued and shuffled. Blocks are "
+        "sized in whole time chunks to fit it.",
+    )
+    block_mb: float = Field(64.0, gt=0, description="Target size of one block read in MB (float32 after cropping).")
+    workers: int = Field(2, ge=1, le=64, description="Threads that read blocks in parallel.")
+    prefetch: int = Field(4, ge=1, le=256, description="Blocks read ahead of training (the bounded queue).")
+    shuffle_blocks: int = Field(4, ge=1, le=1024, description="Blocks whose samples are shuffled together.")
+    stats_steps: int = Field(
+        1024,
+        ge=1,
+        description="Training time steps read to estimate the normalisation statistics and the climatology when "
+        "streaming, spread evenly over the training period; exact when the period has no more steps than this.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Local folder that caches the chunks of a zarr store, so that each chunk is fetched once per "
+        "machine. The store must not change while it is cached.",
+    )
+    cache_limit_mb: float | None = Field(
+        None, gt=0, description="Maximum size of the chunk cache in MB; chunks beyond it are not cached. Default no limit."
+    )
+    retries: int = Field(4, ge=0, le=20, description="Retries of a storage request that failed with a transient error.")
+    retry_backoff_seconds: float = Field(
+        0.5, gt=0, description="Delay before the first retry in seconds; it doubles with every retry, up to 30 s."
+    )
+    timeout_seconds: float = Field(
+        120.0, gt=0, description="Timeout of one storage request and of the wait for one block, in seconds."
+    )
+    missing_chunks: Literal["error", "fill"] = Field(
+        "error",
+        description="'error': a chunk missing from a zarr store fails the trial with the chunk's key. 'fill': read "
+        "it as the fill value, for stores written without their empty chunks.",
+    )
+
+
 class DataSpec(Model):
     """Where the fields come from and how samples are cut from them."""
 
@@ -172,6 +220,7 @@ class DataSpec(Model):
     )
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec, description="Settings of the synthetic source.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-storage settings.")
+    loader: LoaderSpec = Field(default_factory=LoaderSpec, description="How the data is read: in memory or streamed.")
 
     _lead = field_validator("lead_time")(lambda value: (duration_hours(value), value)[1])
     _coverage = field_validator("temporal_coverage")(_check_duration)
@@ -294,6 +343,30 @@ class TrainingSpec(Model):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device; 'auto' takes CUDA when present.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads per process; default all cores / processes.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Training-state checkpoints.")
+    ladder_steps: list[int] | None = Field(
+        None,
+        description="Compute ladder: run lengths in optimizer steps, each shorter than the trial, at which a "
+        "cool-down branch is trained and evaluated. For a length T the branch starts from the constant-rate run at "
+        "step T - int(cooldownFraction x T), decays the learning rate as a run of T steps would, and is evaluated on "
+        "the validation and test splits; the run then continues from the branch point. The branch steps add to the "
+        "trial's FLOPs. Needs schedule.kind constant_cooldown; spec.design (kind compute_ladder) sets it.",
+    )
+
+    @model_validator(mode="after")
+    def _ladder_needs_cooldown(self) -> TrainingSpec:
+        steps = self.ladder_steps
+        if not steps:
+            return self
+        if self.schedule.kind != "constant_cooldown":
+            raise ValueError(
+                f"ladderSteps needs schedule.kind constant_cooldown (the branches cool down from a constant learning "
+                f"rate), got schedule.kind {self.schedule.kind!r}"
+            )
+        if any(step < 1 for step in steps) or sorted(set(steps)) != list(steps):
+            raise ValueError(f"ladderSteps must be positive and strictly increasing, got {steps}")
+        if self.schedule.cooldown_fraction <= 0:
+            raise ValueError("ladderSteps needs schedule.cooldownFraction above 0, or the branches have no cool-down")
+        return self
 
 
 class DistributedSpec(Model):
@@ -452,6 +525,83 @@ class Axis(Model):
         return len(self.factors if self.factors is not None else self.values)
 
 
+# Compute-optimal designs --------------------------------------------------------
+
+
+class DesignSpec(Model):
+    """A compute-optimal design: trials on IsoFLOP profiles instead of a grid.
+
+    For each compute budget the planner picks `sizesPerBudget` consecutive model shapes of
+    `sizes` (ordered by parameter count), centred on the size that `tokensPerParameter`
+    predicts to be optimal, and sets each trial's training samples so that its FLOPs
+    (wxscale's analytic model) match the budget within `tolerance`.
+      - isoflop: one trial per (budget, size).
+      - compute_ladder: one trial per size, trained to its largest budget at a constant
+        learning rate, with a cool-down branch evaluated at each smaller budget.
+    """
+
+    kind: Literal["isoflop", "compute_ladder"] = Field(
+        "isoflop", description="isoflop: one trial per budget and size. compute_ladder: one trial per size."
+    )
+    budgets: list[Annotated[float, Field(gt=0)]] = Field(
+        min_length=1, description="Training compute budgets in FLOPs (forward + backward, analytic model), ascending."
+    )
+    sizes: Axis = Field(
+        description="The family of model shapes, as an axis: e.g. {name: size, fields: [model.depth, model.embedDim], "
+        "factors: [1, 2, 3]} or values given as mappings of field path to value. At least 3 shapes."
+    )
+    sizes_per_budget: int | None = Field(
+        None, ge=3, description="Shapes trained at each budget (at least 3 for a parabola); default all of them."
+    )
+    tokens_per_parameter: float = Field(
+        20.0,
+        gt=0,
+        description="Expected training tokens (patches seen) per non-embedding parameter at the optimum; it centres "
+        "the shapes picked at each budget. 20 is Hoffmann et al. 2022's estimate for language models.",
+    )
+    tolerance: float = Field(
+        0.01, gt=0, lt=0.5, description="Largest relative difference between a trial's training FLOPs and its budget."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DesignSpec:
+        if any(later <= earlier for earlier, later in zip(self.budgets, self.budgets[1:])):
+            raise ValueError(f"budgets must be strictly ascending, got {self.budgets}")
+        if len(self.sizes) < 3:
+            raise ValueError(f"sizes needs at least 3 shapes to fit a parabola at each budget, got {len(self.sizes)}")
+        if self.sizes_per_budget is not None and self.sizes_per_budget > len(self.sizes):
+            raise ValueError(
+                f"sizesPerBudget ({self.sizes_per_budget}) is larger than the number of shapes in sizes "
+                f"({len(self.sizes)}); lower it or add shapes"
+            )
+        return self
+
+
+class ComputeBudgetSpec(Model):
+    """A cap on the compute of the whole study; the planner rejects a study whose trials exceed it."""
+
+    max_flops: float | None = Field(
+        None, gt=0, description="Total training FLOPs of all trials (analytic model, cool-down branches included)."
+    )
+    max_gpu_hours: float | None = Field(
+        None, gt=0, description="Total GPU-hours of all trials, estimated as planned FLOPs / flopsPerGpuSecond / 3600."
+    )
+    flops_per_gpu_second: float | None = Field(
+        None,
+        gt=0,
+        description="Sustained training FLOP/s of one GPU (e.g. 40 % of its peak), used to estimate GPU-hours; "
+        "required with maxGpuHours.",
+    )
+
+    @model_validator(mode="after")
+    def _one_cap(self) -> ComputeBudgetSpec:
+        if self.max_flops is None and self.max_gpu_hours is None:
+            raise ValueError("give maxFlops, maxGpuHours or both")
+        if self.max_gpu_hours is not None and self.flops_per_gpu_second is None:
+            raise ValueError("maxGpuHours needs flopsPerGpuSecond to turn planned FLOPs into GPU-hours")
+        return self
+
+
 # Cluster ---------------------------------------------------------------------
 
 
@@ -509,12 +659,38 @@ class StudySpec(Model):
     points: list[AxisPoint] | None = Field(
         None, description="Explicit trials as mappings of field path to value; replaces the grid product of `axes`."
     )
+    design: DesignSpec | None = Field(
+        None, description="Compute-optimal design (IsoFLOP profiles or a compute ladder); replaces `axes` and `points`."
+    )
+    compute_budget: ComputeBudgetSpec | None = Field(
+        None, description="Cap on the planned compute of the whole study (FLOPs or estimated GPU-hours)."
+    )
     max_concurrent_trials: int = Field(1, ge=1, le=10000, description="Trials running at once.")
     max_failed_trials: int = Field(0, ge=0, description="Failed trials tolerated before the study fails.")
     max_retries: int = Field(1, ge=0, le=10, description="Retries of a failing trial before it counts as failed.")
     output: str | None = Field(None, description="Result location, a path or s3:// URL; the CLI's --output wins.")
     suspend: bool = Field(False, description="Stop starting trials and suspend running ones.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @model_validator(mode="after")
+    def _design_alone(self) -> StudySpec:
+        if self.design is None:
+            return self
+        if self.axes or self.points is not None:
+            raise ValueError("design replaces axes and points; remove `axes` and `points` or remove `design`")
+        if self.design.kind == "compute_ladder":
+            if self.training.schedule.kind != "constant_cooldown":
+                raise ValueError(
+                    "design.kind compute_ladder needs training.schedule.kind constant_cooldown (each branch cools "
+                    f"down from a constant learning rate), got {self.training.schedule.kind!r}"
+                )
+            if self.distributed.strategy != "ddp":
+                # NOTE: the branches copy the model and optimizer state whole, which is only checked under ddp.
+                raise ValueError(
+                    f"design.kind compute_ladder runs under distributed.strategy ddp only, got "
+                    f"{self.distributed.strategy!r}; use kind isoflop for fsdp and pipeline trials"
+                )
+        return self
 
 
 class Metadata(Model):

@@ -94,7 +94,7 @@ def build_status(
 
     `states` maps trial id to one of TRIAL_STATES (missing ids count as Pending).
     `records` maps trial id to its result record (succeeded or failed trials).
-    `gpus_per_trial` maps trial id to the GPUs it holds (all replicas), for the budget ledger.
+    `gpus_per_trial` maps trial id to the GPUs it requests (all replicas), for the budget ledger.
     `details` maps trial id to extra fields of its summary in `results`.
     """
     trials = list(trials)

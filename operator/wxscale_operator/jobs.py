@@ -4,8 +4,11 @@ One trial runs as one PyTorchJob: a `Master` replica, plus `Worker` replicas
 for a trial on several nodes, each running `procsPerNode` processes. The
 container runs the same command as the local executor, torchrun around
 `wxscale_trainer`. The training operator sets the PET_* variables (node rank,
-master address and port) that torchrun reads; the node and process counts are
-also given as flags so the command reads on its own.
+master address and port) that torchrun reads. The node and process counts are
+also given as flags, so the command is complete when read on its own.
+NOTE: the training operator v1 documentation says it sets PET_NODE_RANK,
+PET_MASTER_ADDR and PET_MASTER_PORT when nprocPerNode is given. No test here
+runs a training operator to confirm it.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ GPU_RESOURCE = "nvidia.com/gpu"
 JOB_PHASES = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
-# The Secret named by spec.cluster.credentialsSecret holds these keys.
+# The Secret named by spec.cluster.credentialsSecret contains these keys.
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
 
 
 @dataclass(frozen=True)
 class JobTarget:
-    """Where a study's jobs go and where their trainers read and write."""
+    """Namespace and owner of a study's jobs, and the output location their trainers read and write."""
 
     study: str
     namespace: str
@@ -82,7 +85,7 @@ def trainer_command(trial: Trial, trial_url: str, output_url: str, s3_endpoint: 
 def _environment(trial: Trial, cluster: ClusterSpec, target: JobTarget) -> list[dict[str, Any]]:
     """Container environment. Credentials are references to the Secret, never values."""
     layout = trial.config.distributed
-    # os.cpu_count() in a pod sees the node's cores, not the CPU limit: split the limit between processes.
+    # os.cpu_count() in a pod counts the node's cores, not the CPU limit, so the limit is split between processes.
     threads = max(1, int(cpu_cores(cluster.resources.cpu) // layout.procs_per_node))
     env: list[dict[str, Any]] = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
@@ -146,9 +149,10 @@ def pytorchjob_manifest(trial: Trial, attempt: int, cluster: ClusterSpec, target
     """Return the PyTorchJob of one attempt of a trial.
 
     The job is owned by the study (controller, blockOwnerDeletion), so deleting
-    the study garbage-collects it. Replica pods restart on exit codes 128-255
-    (signals: OOM kill, preemption) up to `backoffLimit` times; exit codes 1-127
-    (the trainer's own errors) fail the job at once (restartPolicy ExitCode).
+    the study garbage-collects it. With restartPolicy ExitCode, replica pods
+    restart on exit codes 128-255 (signals such as an OOM kill or a preemption)
+    up to `backoffLimit` times. Exit codes 1-127 (the trainer's own errors) fail
+    the job at once.
     """
     labels = job_labels(target.study, trial.id, attempt)
     template = _pod_template(trial, cluster, target, trial_url, labels)
@@ -200,7 +204,7 @@ def job_phase(job: dict[str, Any]) -> str:
     """Return one of JOB_PHASES from the job's conditions; a job without conditions is Created.
 
     Succeeded and Failed win over the others, since the training operator leaves
-    earlier conditions in place. A job whose spec asks for suspension counts as
+    earlier conditions in place. A job whose spec requests suspension counts as
     Suspended before its condition arrives.
     """
     true = _true_conditions(job)

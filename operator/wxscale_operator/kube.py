@@ -125,7 +125,7 @@ class KubeClient:
 
     async def request(self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None,
                       content_type: str = "application/json") -> dict[str, Any]:
-        """Send one request and return the decoded JSON answer; raise ApiError on failure.
+        """Send one request and return the decoded JSON response; raise ApiError on failure.
 
         Transient failures are retried after RETRY_DELAYS_S (or the server's Retry-After),
         and a 401 once with fresh credentials.
@@ -195,7 +195,7 @@ class KubeClient:
 
 
 async def _error_from(response: aiohttp.ClientResponse, method: str, path: str) -> ApiError:
-    """Build an ApiError from a Kubernetes `Status` answer (or any other error body)."""
+    """Build an ApiError from a Kubernetes `Status` response (or any other error body)."""
     try:
         payload = await response.json(content_type=None)
     except (ValueError, aiohttp.ContentTypeError):

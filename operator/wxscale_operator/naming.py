@@ -1,7 +1,7 @@
 """Names and labels of the objects the operator creates.
 
 A trial's PyTorchJob is named from the study and the trial id, so creating it
-again gives the same name and the API server answers 409 instead of making a
+again gives the same name and the API server returns 409 Conflict instead of making a
 duplicate. Labels link each job to its study, trial and attempt; the owner
 reference (see `wxscale_operator.jobs`) links it to the study's uid.
 """

@@ -1,9 +1,9 @@
 """One reconcile pass of a ScalingStudy: observe, decide, act, write status.
 
 The pass is level-based: it reads the study, its PyTorchJobs and the result
-records in the output location, asks `wxscale_operator.trials.decide` what to
-do, does it, and writes the status. Running it twice in a row changes nothing
-the second time, so every trigger (study change, job event, timer) can run it.
+records in the output location, calls `wxscale_operator.trials.decide` for
+the actions, takes them, and writes the status. Running it twice in a row changes nothing
+the second time, so every trigger (study change, job event, resync loop) can run it.
 
 Passes for one study never overlap (a lock per study), and a request that
 arrives while a pass waits for the lock is folded into that pass. A pass that
@@ -87,8 +87,14 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | N
 
     Top-level fields that the new status lacks are set to null, which deletes them.
     """
+    def without_nulls(value: Any) -> Any:
+        # A merge patch deletes object members set to null (RFC 7386); lists are stored as sent.
+        if isinstance(value, dict):
+            return {key: without_nulls(item) for key, item in value.items() if item is not None}
+        return value
+
     def comparable(status: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in status.items() if key not in _VOLATILE_STATUS_FIELDS}
+        return without_nulls({key: value for key, value in status.items() if key not in _VOLATILE_STATUS_FIELDS})
 
     if comparable(old) == comparable(new):
         return None
@@ -101,7 +107,7 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | N
 
 @dataclass
 class _StudyMemory:
-    """What the operator keeps in memory per study uid; all of it can be rebuilt from the cluster."""
+    """Per-study state kept in memory by uid; all of it can be rebuilt from the cluster and storage."""
 
     plan_key: tuple[int, str] | None = None
     trials: list[Trial] | None = None
@@ -138,7 +144,7 @@ class Reconciler:
         self._known.add((namespace, name))
 
     async def resync_forever(self) -> None:
-        """Every `resync_seconds`, reconcile every tracked study (concurrently); runs until cancelled."""
+        """Reconcile every tracked study every `resync_seconds`, concurrently, until cancelled."""
         while True:
             await asyncio.sleep(self.config.resync_seconds)
             studies = sorted(self._known)
@@ -151,7 +157,7 @@ class Reconciler:
 
         A pass starting after the request covers it, so requests that pile up while
         a pass runs cost one more pass, not one each. During a backoff the request
-        is dropped: the timer asks again.
+        is dropped, and the resync loop requests the study again later.
         """
         key = (namespace, name)
         if time.monotonic() < self._retry_at.get(key, 0.0):
@@ -348,9 +354,11 @@ class Reconciler:
             memory.records = {}
 
         def read_new() -> dict[str, dict[str, Any]]:
-            # s3fs caches listings; the trainers write behind its back.
+            # s3fs caches listings, and the trainers write behind its back. One recursive
+            # listing of trials/ costs one request per 1000 keys; a glob would list every folder.
             output.fs.invalidate_cache()
-            found = {path.split("/")[1] for path in output.list_json("trials/*/result.json")}
+            found = {path.rstrip("/").split("/")[-2] for path in output.fs.find(output.path("trials"))
+                     if path.endswith("/result.json")}
             planned = {trial.id for trial in trials}
             new = {}
             for trial_id in sorted((found & planned) - set(memory.records)):
@@ -398,7 +406,7 @@ class Reconciler:
                 await self._event(body, "Normal", "JobDeleted", f"deleted PyTorchJob {name}: {reason}")
 
     async def _set_suspension(self, body: dict[str, Any], namespace: str, decision: Decision) -> None:
-        """Suspend or resume running jobs through runPolicy.suspend, as spec.suspend asks."""
+        """Suspend or resume running jobs through runPolicy.suspend, following spec.suspend."""
         for jobs, suspend in ((decision.suspend, True), (decision.resume, False)):
             for job in jobs:
                 name = job["metadata"]["name"]
@@ -465,9 +473,9 @@ class Reconciler:
                      name: str) -> dict[str, Any] | None:
         """Return the latest fit, and start fitting again when the set of succeeded trials changed.
 
-        The fit runs in a worker thread as a background task (it can take a minute),
-        so job tracking goes on meanwhile; when it finishes it requests another pass,
-        which writes it to the status. One fit runs per study at a time.
+        The fit can take a minute, so it runs in a worker thread as a background
+        task and job tracking goes on meanwhile. When it finishes, it requests
+        another pass, which writes it to the status. One fit runs per study at a time.
         """
         succeeded = [records[key] for key in sorted(records) if records[key].get("state") == "Succeeded"]
         key = ",".join(record.get("trial", "") for record in succeeded)
@@ -537,7 +545,7 @@ def default_fit(n_boot: int) -> Callable[[list[dict[str, Any]]], dict[str, Any] 
             return None
         try:
             return fit_study(records, n_boot=n_boot)
-        except Exception as error:  # A fit bug must not stop job tracking; the status says what happened.
+        except Exception as error:  # A fit bug must not stop job tracking, so the error goes into the status.
             logger.exception("scaling-law fit failed")
             return {"note": f"fit failed: {type(error).__name__}: {error}"}
 

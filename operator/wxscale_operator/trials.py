@@ -14,7 +14,7 @@ Where a trial's state lives, so that an operator restart loses nothing:
   - the attempt of a trial whose job disappeared: `status.active` of the study.
 
 Per trial, in this order:
-  1. A result record exists: the trial is Succeeded or Failed as the record says.
+  1. A result record exists: the trial is Succeeded or Failed, as its `state` field gives.
   2. The latest job (highest attempt) is running, restarting, created or
      suspended: Running.
   3. The latest job failed or succeeded without a result record, or the job

@@ -65,10 +65,10 @@ def _import_nvml() -> Any | None:
 class NvmlCollector(Collector):
     """Prometheus collector that reads one GPU through NVML at every scrape.
 
-    Exported gauges (each left out when the driver does not support its query):
-    utilization, memory utilization (the fraction of time device memory was read
-    or written, NVML's closest reading to bandwidth utilization), memory used
-    and total, power, temperature and SM clock.
+    Exported gauges: utilization, memory utilization, memory used and total,
+    power, temperature and SM clock. Each is left out when the driver does not
+    support its query. Memory utilization is the fraction of time device memory
+    was read or written, NVML's closest reading to bandwidth utilization.
     """
 
     def __init__(self, nvml: Any, handle: Any, label_names: list[str], label_values: list[str]):

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.metrics_port is not None:
             telemetry.serve(args.metrics_port + runtime.local_rank, args.metrics_address)
-        record = run_trial(trial, runtime, telemetry)
+        record = run_trial(trial, runtime, telemetry, output=output)
     except Exception as error:  # Recorded for the study, then re-raised as a non-zero exit.
         message = str(error) if isinstance(error, WxscaleError) else f"{type(error).__name__}: {error}"
         logger.error("trial %s failed: %s", trial.trial, message)

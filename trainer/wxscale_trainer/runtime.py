@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -66,8 +67,15 @@ def init_runtime(device_request: str = "auto", num_threads: int | None = None) -
 
 
 def shutdown(runtime: Runtime) -> None:
-    """Tear down the process group; the barrier first avoids aborts at destruction with gloo."""
+    """Tear down the process group once the trial's models and optimizers are out of scope.
+
+    DDP, FSDP and pipeline stages keep reference cycles to the process group, so a
+    garbage collection frees them before the group goes. Without it and the barrier,
+    gloo sometimes aborted at destruction ("terminate called without an active
+    exception") on PyTorch 2.13.
+    """
     if runtime.distributed and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

@@ -77,10 +77,11 @@ def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 102
 def peak_flops_for(device: torch.device, precision: str, override: float | None = None) -> tuple[float | None, str]:
     """Return the peak FLOP/s that MFU divides by, and where it came from.
 
-    In order: `override` (--peak-flops); for CUDA, the table of known GPUs
-    (None when the GPU is not in it); for CPU, a measured matmul rate at the
-    trial's precision. A measured rate is what the CPU reaches, not its
-    theoretical peak, so CPU MFU reads higher than a data-sheet figure would give.
+    The first that applies wins: `override` (--peak-flops), then for CUDA the
+    table of known GPUs (None when the GPU is not in it), then for CPU a matmul
+    rate measured at the trial's precision. A measured rate is what the CPU
+    reaches, not its theoretical peak, so CPU MFU reads higher than a
+    data-sheet figure would give.
     """
     if override is not None:
         return override, "override"
@@ -101,7 +102,7 @@ def default_node_name() -> str:
 
 
 class _MemoryCollector(Collector):
-    """Reads host RSS, and CUDA allocator memory on a CUDA device, at every scrape."""
+    """Collector of host RSS, and of CUDA allocator memory on a CUDA device, read at every scrape."""
 
     def __init__(self, device: torch.device, label_values: list[str]):
         self._device = device
@@ -153,8 +154,9 @@ class Telemetry:
         def counter(name: str, documentation: str, extra: tuple[str, ...] = ()) -> Counter:
             return Counter(name, documentation, LABELS + extra, registry=self.registry)
 
-        def gauge(name: str, documentation: str) -> Any:
-            return Gauge(name, documentation, LABELS, registry=self.registry).labels(**self.labels)
+        # Gauges get their series at the first value, so that no reading shows 0 before it exists.
+        def gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, LABELS, registry=self.registry)
 
         self._info = Info("wxscale_trainer", "The trial's device, precision and process layout.",
                           LABELS, registry=self.registry).labels(**self.labels)
@@ -218,6 +220,9 @@ class Telemetry:
         if nvml is not None:
             self.registry.register(nvml)
 
+    def _set(self, gauge: Gauge, value: float) -> None:
+        gauge.labels(**self.labels).set(value)
+
     # Endpoint --------------------------------------------------------------------
 
     def serve(self, port: int, address: str = "0.0.0.0") -> int:
@@ -251,16 +256,20 @@ class Telemetry:
         """Set what the trial plans and resolve the peak FLOP/s; on CPU this measures the matmul rate once."""
         self._flops_per_sample = float(flops_per_sample)
         self._tokens_per_sample = int(tokens_per_sample)
-        self._planned_steps.set(planned_steps)
+        self._set(self._planned_steps, planned_steps)
 
         self.peak_flops, source = peak_flops_for(self.device, precision, self._peak_override)
         if self.peak_flops is not None:
-            self._peak.set(self.peak_flops)
+            self._set(self._peak, self.peak_flops)
             logger.info("MFU peak: %.3g FLOP/s from %s", self.peak_flops, source)
 
-        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self._info.info({"device": self.device.type, "device_name": device_name, "precision": precision,
-                         "strategy": strategy, "world_size": str(world_size)})
+        info = {"device": self.device.type, "device_name": "cpu", "precision": precision, "strategy": strategy,
+                "world_size": str(world_size)}
+        if self.device.type == "cuda":
+            # The UUID joins these series with the DCGM exporter's, which carry it in their UUID label.
+            info["device_name"] = torch.cuda.get_device_name(self.device)
+            info["gpu_uuid"] = f"GPU-{torch.cuda.get_device_properties(self.device).uuid}"
+        self._info.info(info)
 
     def record_step(self, *, samples: int, loss: float, data_seconds: float, forward_backward_seconds: float,
                     optimizer_seconds: float, batch_bytes: int = 0) -> None:
@@ -274,7 +283,7 @@ class Telemetry:
         self._samples.inc(samples)
         self._tokens.inc(samples * self._tokens_per_sample)
         self._flops.inc(samples * self._flops_per_sample)
-        self._train_loss.set(loss)
+        self._set(self._train_loss, loss)
         self._loader_bytes.inc(batch_bytes)
         self._phase["data_wait"].inc(data_seconds)
         self._phase["forward_backward"].inc(forward_backward_seconds)
@@ -286,15 +295,15 @@ class Telemetry:
             return
         samples_per_second = sum(count for count, _ in self._window) / window_seconds
         flops_per_second = samples_per_second * self._flops_per_sample
-        self._samples_rate.set(samples_per_second)
-        self._tokens_rate.set(samples_per_second * self._tokens_per_sample)
-        self._flops_rate.set(flops_per_second)
+        self._set(self._samples_rate, samples_per_second)
+        self._set(self._tokens_rate, samples_per_second * self._tokens_per_sample)
+        self._set(self._flops_rate, flops_per_second)
         if self.peak_flops:
-            self._mfu.set(flops_per_second / self.peak_flops)
+            self._set(self._mfu, flops_per_second / self.peak_flops)
 
     def record_validation(self, loss: float) -> None:
         """Set the validation loss of the latest evaluation."""
-        self._validation_loss.set(loss)
+        self._set(self._validation_loss, loss)
 
     def record_data_source_read(self, nbytes: int, seconds: float) -> None:
         """Count bytes read from the data source and the time it took."""
@@ -318,31 +327,6 @@ class Telemetry:
         self._collectives.labels(**labels).inc()
         self._collective_bytes.labels(**labels).inc(nbytes)
         self._collective_seconds.labels(**labels).inc(seconds)
-
-    def attach_ddp(self, model: torch.nn.parallel.DistributedDataParallel) -> None:
-        """Register a DDP communication hook that averages gradients like DDP's default and records each all-reduce.
-
-        The time recorded per bucket runs from the launch of its all-reduce to its
-        completion, which overlaps the rest of the backward pass. NOTE: on NCCL the
-        future completes when the collective is enqueued on its CUDA stream, so the
-        time there can be shorter than the transfer.
-        """
-        for name in ("_collectives", "_collective_bytes", "_collective_seconds"):
-            getattr(self, name).labels(**self.labels, kind="all_reduce")  # series at zero before the first bucket
-        model.register_comm_hook(state=None, hook=self._all_reduce_hook)
-
-    def _all_reduce_hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        gradients = bucket.buffer()
-        nbytes = gradients.numel() * gradients.element_size()
-        started = time.perf_counter()
-        gradients.div_(dist.get_world_size())  # divided before the sum, so the all-reduce yields the mean
-        future = dist.all_reduce(gradients, async_op=True).get_future()
-
-        def finished(done: torch.futures.Future) -> torch.Tensor:
-            self.record_collective("all_reduce", nbytes, time.perf_counter() - started)
-            return done.value()[0]
-
-        return future.then(finished)
 
     # Final values ------------------------------------------------------------------
 
@@ -382,15 +366,16 @@ class Telemetry:
     def push(self, gateway: str, timeout: float = 10.0) -> bool:
         """Push the current values to a Prometheus pushgateway, grouped by study, trial and rank.
 
-        Returns False, after logging a warning, when the push fails: a trial never
-        fails because its metrics could not be pushed.
+        Returns False, after logging a warning, when the push fails, so that a
+        trial does not fail because its metrics could not be pushed.
         """
         grouping = {key: self.labels[key] for key in ("study", "trial", "rank")}
         try:
             push_to_gateway(gateway, job=PUSHGATEWAY_JOB, grouping_key=grouping, registry=self.registry,
                             timeout=timeout)
-        except OSError as error:
+        except (OSError, ValueError) as error:  # connection and HTTP errors, or an invalid URL
             logger.warning("could not push the final metrics to the pushgateway %s: %s", gateway, error)
             return False
         logger.info("pushed the final metrics of rank %s to %s", self.labels["rank"], gateway)
         return True
+

@@ -14,19 +14,29 @@ import time
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
 from wxscale.data import build_datasets
 from wxscale.flops import measure_flops, model_cost
 from wxscale.metrics import latitude_weighted_mse_loss, latitude_weights
 from wxscale.model import WeatherViT
 from wxscale.spec import API_VERSION
+from wxscale.storage import Location
+from wxscale_trainer.checkpoint import Checkpointer, ResumableSampler, endless_batches, storage_bytes
+from wxscale_trainer.distributed import CommunicationMeter, build_strategy
+from wxscale_trainer.distributed.comm import gather_communication, gather_ranks
+from wxscale_trainer.distributed.efficiency import (
+    GpuMemoryBandwidth,
+    flops_utilization,
+    measure_tensor_traffic,
+    optimizer_traffic_bytes,
+    step_time_breakdown,
+)
 from wxscale_trainer.evaluate import evaluate_test, inference_latency, mean_loss
 from wxscale_trainer.runtime import Runtime, peak_rss_bytes
 from wxscale_trainer.schedule import lr_multiplier
 from wxscale_trainer.telemetry import Telemetry
-from wxscale.trialspec import TrialSpec
+from wxscale.trialspec import TrialSpec, trial_folder
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +51,13 @@ def autocast_for(precision: str, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def infinite(loader: DataLoader, sampler):
-    """Yield batches forever, reshuffling each epoch (seeded by the sampler)."""
-    epoch = 0
-    while True:
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = None) -> dict[str, Any]:
+def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = None,
+              output: Location | None = None) -> dict[str, Any]:
     """Train and evaluate one trial; return its result record (on every rank).
 
     `telemetry` receives the metrics; without one, the metrics are only collected for the record.
+    `output` is the study's output location: the trial's checkpoints go under it, and a restarted
+    trial resumes from the newest one. Without it, no checkpoint is written or read.
     """
     config = trial.config
     training = config.training
@@ -71,12 +74,12 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
     in_channels = config.data.history * n_vars
     weights = torch.as_tensor(latitude_weights(bundle.latitudes), dtype=torch.float32, device=device)
 
-    per_rank_batch = training.batch_size // (runtime.world_size * training.grad_accumulation)
-    if runtime.distributed:
-        sampler = DistributedSampler(bundle.train, num_replicas=runtime.world_size, rank=runtime.rank,
-                                     shuffle=True, seed=training.seed, drop_last=True)
-    else:
-        sampler = RandomSampler(bundle.train, generator=torch.Generator().manual_seed(training.seed))
+    # Data-parallel ranks each draw their part of every epoch's seeded order; pipeline stages read the same batches.
+    accumulation = config.accumulation_steps
+    data_parallel = 1 if config.distributed.strategy == "pipeline" else runtime.world_size
+    per_rank_batch = training.batch_size // (data_parallel * accumulation)
+    sampler = ResumableSampler(bundle.train, num_replicas=data_parallel, rank=runtime.rank % data_parallel,
+                               shuffle=True, seed=training.seed, drop_last=True)
     train_loader = DataLoader(bundle.train, batch_size=per_rank_batch, sampler=sampler, drop_last=True)
     val_loader = DataLoader(bundle.validation, batch_size=per_rank_batch, shuffle=False)
     test_loader = DataLoader(bundle.test, batch_size=per_rank_batch, shuffle=False)
@@ -91,21 +94,26 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
     # Model, optimizer and the cost model.
     model = WeatherViT(config.model, grid=grid, in_channels=in_channels, out_channels=n_vars,
                        attention_backend=training.attention_backend,
-                       activation_checkpointing=training.activation_checkpointing).to(device)
+                       activation_checkpointing=training.activation_checkpointing,
+                       checkpoint_blocks=training.activation_checkpoint_blocks).to(device)
     cost = model_cost(config.model, grid, in_channels=in_channels, out_channels=n_vars,
                       activation_checkpointing=training.activation_checkpointing,
+                      checkpoint_blocks=training.activation_checkpoint_blocks,
                       attention_backend=training.attention_backend)
     sample_x = bundle.train[0][0].unsqueeze(0)
     measured_per_sample = measure_flops(model, sample_x.to(device), backward=True) / sample_x.shape[0]
+    autocast = autocast_for(training.precision, device)
+    traffic_per_sample = measure_tensor_traffic(model, sample_x.repeat(per_rank_batch, 1, 1, 1).to(device),
+                                                autocast) / per_rank_batch
 
-    if runtime.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        telemetry.attach_ddp(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=training.optimizer.lr,
+    # Parallelism: the strategy wraps or splits the model; the meter counts its communication.
+    meter = CommunicationMeter(sink=telemetry.record_collective)
+    strategy = build_strategy(model, config, runtime, meter, autocast,
+                              lambda prediction, target, mask: latitude_weighted_mse_loss(prediction, target,
+                                                                                           weights, mask))
+    optimizer = torch.optim.AdamW(strategy.module.parameters(), lr=training.optimizer.lr,
                                   betas=(training.optimizer.beta1, training.optimizer.beta2),
                                   weight_decay=training.optimizer.weight_decay)
-    autocast = autocast_for(training.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=training.precision == "fp16")
 
     logger.info("trial %s: %d params (%d non-embedding), grid %s, %d train / %d val / %d test samples, %d steps, "
                 "%.3g FLOPs per sample", trial.trial, cost.params, cost.non_embedding_params, grid,
@@ -114,20 +122,40 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
                     tokens_per_sample=cost.tokens_per_sample, precision=training.precision,
                     strategy=config.distributed.strategy, world_size=runtime.world_size)
 
+    # Checkpoints: a restarted trial resumes from the newest complete one.
+    checkpointer = None
+    if output is not None:
+        checkpointer = Checkpointer(output.child(trial_folder(trial.trial)), training.checkpoint, runtime,
+                                    on_write=telemetry.record_checkpoint)
+    resumed = None
+    if checkpointer is not None and training.checkpoint.resume and checkpointer.latest_step() is not None:
+        state = strategy.checkpoint_state(optimizer)
+        resumed = checkpointer.load(checkpointer.latest_step(), state)
+        strategy.load_checkpoint_state(optimizer, state)
+        strategy.scaler.load_state_dict(resumed["scaler"])
+
     # Training loop.
-    batches = infinite(train_loader, sampler)
-    curve: list[dict[str, Any]] = []
-    data_wait = compute = 0.0
-    train_loss_sum, train_loss_count, last_train_loss = 0.0, 0, float("nan")
+    start_step = resumed["step"] if resumed else 0
+    batches = endless_batches(train_loader, sampler, start_batch=start_step * accumulation)
+    curve: list[dict[str, Any]] = resumed["curve"] if resumed else []
+    data_wait = resumed["dataWaitSeconds"] if resumed else 0.0
+    compute = resumed["computeSeconds"] if resumed else 0.0
+    previous_wall = resumed["wallSeconds"] if resumed else 0.0
+    train_loss_sum = resumed["trainLossSum"] if resumed else 0.0
+    train_loss_count = resumed["trainLossCount"] if resumed else 0
+    last_train_loss = float("nan")
+    forward_backward_total = optimizer_total = 0.0  # this attempt's steps only, for the step-time breakdown
+    bandwidth = GpuMemoryBandwidth(device)
+    bandwidth.start()
     started = time.perf_counter()
-    for step in range(trial.steps):
+    for step in range(start_step, trial.steps):
         for group in optimizer.param_groups:
             group["lr"] = training.optimizer.lr * lr_multiplier(step, trial.steps, training.schedule)
 
         step_loss = 0.0
         step_data = step_forward_backward = 0.0
         step_bytes = 0
-        for micro in range(training.grad_accumulation):
+        for micro in range(accumulation):
             tick = time.perf_counter()
             x, y, mask = next(batches)
             x, y, mask = x.to(device, non_blocking=True), y.to(device, non_blocking=True), mask.to(device)
@@ -135,28 +163,20 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
             step_data += tock - tick
             step_bytes += x.nbytes + y.nbytes + mask.nbytes
 
-            # Only the last micro-batch all-reduces gradients under DDP.
-            sync = contextlib.nullcontext() if (micro == training.grad_accumulation - 1 or not runtime.distributed) \
-                else model.no_sync()
-            with sync:
-                with autocast():
-                    prediction = model(x)
-                loss = latitude_weighted_mse_loss(prediction.float(), y, weights, mask)
-                scaler.scale(loss / training.grad_accumulation).backward()
-            step_loss += loss.item() / training.grad_accumulation
+            # Only the last micro-batch of a step synchronises the gradients across processes.
+            loss = strategy.forward_backward(x, y, mask, sync=micro == accumulation - 1,
+                                             loss_scale=1.0 / accumulation)
+            step_loss += loss / accumulation
             step_forward_backward += time.perf_counter() - tock
 
         tick = time.perf_counter()
-        if training.optimizer.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), training.optimizer.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        strategy.optimizer_step(optimizer, training.optimizer.grad_clip)
         # NOTE: on CUDA the optimizer's kernels run asynchronously; their time shows in the next step's phases.
         step_optimizer = time.perf_counter() - tick
         data_wait += step_data
         compute += step_forward_backward + step_optimizer
+        forward_backward_total += step_forward_backward
+        optimizer_total += step_optimizer
 
         if not math.isfinite(step_loss):
             from wxscale.errors import WxscaleError
@@ -166,34 +186,71 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
         train_loss_sum += step_loss
         train_loss_count += 1
         last_train_loss = step_loss
-        telemetry.record_step(samples=per_rank_batch * training.grad_accumulation, loss=step_loss,
+        telemetry.record_step(samples=per_rank_batch * accumulation, loss=step_loss,
                               data_seconds=step_data, forward_backward_seconds=step_forward_backward,
                               optimizer_seconds=step_optimizer, batch_bytes=step_bytes)
 
         # Validation along the way: the over/underfitting check.
         done = step + 1
         if done % training.eval_every == 0 or done == trial.steps:
-            val_loss = mean_loss(model, val_loader, weights, device, autocast, max_batches=training.eval_batches)
+            val_loss = mean_loss(strategy.evaluation_model(), val_loader, weights, device, autocast,
+                                 max_batches=training.eval_batches)
             telemetry.record_validation(val_loss)
-            point = {"step": done, "trainLoss": train_loss_sum / train_loss_count, "validationLoss": val_loss}
+            # Each data-parallel rank trained on its own part of the batches; the curve shows their mean.
+            train_loss = strategy.mean_over_ranks(train_loss_sum) / train_loss_count
+            point = {"step": done, "trainLoss": train_loss, "validationLoss": val_loss}
             curve.append(point)
             train_loss_sum, train_loss_count = 0.0, 0
             elapsed = time.perf_counter() - started
-            samples_per_s = done * training.batch_size / elapsed
+            samples_per_s = (done - start_step) * training.batch_size / elapsed
             logger.info("step %d/%d | train loss %.4f | val loss %.4f | %.1f samples/s | %.3g FLOP/s | "
                         "data wait %.1f %%", done, trial.steps, point["trainLoss"], val_loss, samples_per_s,
                         samples_per_s * cost.flops_per_sample, 100.0 * data_wait / max(elapsed, 1e-9))
         elif done % LOG_EVERY == 0:
             logger.debug("step %d/%d | loss %.4f", done, trial.steps, step_loss)
-    wall = time.perf_counter() - started
 
-    # Test evaluation (physical units) and inference measurements on the bare model.
-    bare = model.module if isinstance(model, DistributedDataParallel) else model
+        if checkpointer is not None and checkpointer.due(done, trial.steps):
+            checkpointer.save(done, strategy.checkpoint_state(optimizer), {
+                "curve": curve, "trainLossSum": strategy.mean_over_ranks(train_loss_sum),
+                "trainLossCount": train_loss_count,
+                "dataWaitSeconds": data_wait, "computeSeconds": compute,
+                "wallSeconds": previous_wall + time.perf_counter() - started,
+                "scaler": strategy.scaler.state_dict(),
+            })
+    attempt_wall = time.perf_counter() - started
+    wall = previous_wall + attempt_wall
+    gpu_bandwidth = bandwidth.stop()
+
+    # Test evaluation (physical units) and inference measurements on a whole model on every rank.
+    bare = strategy.full_model()
     evaluation = evaluate_test(bare, bundle, test_loader, weights, device, autocast)
     inference = inference_latency(bare, sample_x, training.batch_size, device, autocast)
 
     samples = trial.steps * training.batch_size
     peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+
+    # Efficiency of this attempt's steps: time per phase, communication, memory traffic, per-rank I/O.
+    steps_run = trial.steps - start_step
+    layout = strategy.layout()
+    step_time = step_time_breakdown(
+        steps=steps_run, data_seconds=data_wait - (resumed["dataWaitSeconds"] if resumed else 0.0),
+        forward_backward_seconds=forward_backward_total, optimizer_seconds=optimizer_total,
+        communication_seconds=meter.timed_seconds(), bubble_fraction=layout.get("bubbleFraction"),
+        pipeline_idle_seconds=getattr(strategy, "idle_seconds", None))
+    communication = gather_communication(meter, runtime.rank, steps_run)
+    rank_samples = steps_run * per_rank_batch * accumulation
+    traffic = (traffic_per_sample * rank_samples / layout.get("pipelineStages", 1)
+               + optimizer_traffic_bytes(layout["localParams"]) * steps_run)
+    ranks = gather_ranks({
+        "rank": runtime.rank,
+        "dataWaitSeconds": step_time["dataSeconds"],
+        "dataWaitFraction": step_time["dataSeconds"] / attempt_wall if attempt_wall > 0 else None,
+        "loaderBytesPerSecond": rank_samples * sum(tensor.nbytes for tensor in bundle.train[0])
+        / max(step_time["dataSeconds"], 1e-9),
+        "peakMemoryBytes": int(peak_memory),
+        "localParams": layout["localParams"],
+    })
+    hardware_flops_per_second = cost.hardware_flops_per_sample * samples / wall
     final_val = curve[-1]["validationLoss"] if curve else float("nan")
     final_train = curve[-1]["trainLoss"] if curve else last_train_loss
     return {
@@ -247,6 +304,25 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
             "dataWaitFraction": data_wait / wall,
             "processes": runtime.world_size,
             "device": device.type,
+            "tokensPerSecond": samples * cost.tokens_per_sample / wall,
+            "hardwareFlopsPerSecond": hardware_flops_per_second,
+            "peakFlopsPerSecondPerProcess": telemetry.peak_flops,
+            **flops_utilization(cost.flops_per_sample * samples / wall, hardware_flops_per_second,
+                                telemetry.peak_flops, runtime.world_size),
+            "gradAccumulationSteps": accumulation,
+            "microBatchSize": per_rank_batch,
+            "parallelism": {"nodes": config.distributed.nodes, "procsPerNode": config.distributed.procs_per_node,
+                            "dataParallel": data_parallel, **layout},
+            "stepTime": step_time,
+            "communication": communication,
+            "memoryBandwidth": {
+                "tensorTrafficBytesPerSample": traffic_per_sample,
+                "estimatedBytesPerSecond": traffic / max(forward_backward_total + optimizer_total, 1e-9),
+                **({"gpu": gpu_bandwidth} if gpu_bandwidth else {}),
+            },
+            "ranks": ranks,
+            "checkpoint": checkpointer.summary() if checkpointer is not None else None,
+            "storageBytes": storage_bytes(output.child(trial_folder(trial.trial))) if output is not None else None,
             "finalTrainLoss": final_train,
             "finalValidationLoss": final_val,
             "generalizationGap": final_val - final_train,

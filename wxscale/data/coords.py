@@ -129,6 +129,11 @@ def _find_axis(dataset: xr.Dataset, axis: str, excluded_dims: set[str]) -> tuple
     return best[1], best[2]
 
 
+def time_dimension(dataset: xr.Dataset) -> str:
+    """Return the name of the time dimension of a dataset as stored, before `standardise_coordinates` renames it."""
+    return _find_axis(dataset, "time", set())[1]
+
+
 def decode_times(variable: xr.DataArray, dataset: xr.Dataset, source: str) -> pd.DatetimeIndex:
     """Return the time axis as a DatetimeIndex, decoding numeric CF times ('hours since ...') when needed."""
     values = variable.values

@@ -116,8 +116,59 @@ class EvaluationArrays:
         return self.forecast_inputs_last
 
 
+class BundleMethods:
+    """Methods shared by the in-memory `DataBundle` and the streaming bundle of `wxscale.data.stream`.
+
+    They read only the fields both have: the three splits, `variables`, `latitudes`,
+    `longitudes`, `mean`, `std` and `climatology`.
+    """
+
+    @property
+    def in_channels(self) -> int:
+        return self.history * len(self.variables)
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.variables)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(n_lat, n_lon) of the fields."""
+        return len(self.latitudes), len(self.longitudes)
+
+    def split(self, name: str):
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return getattr(self, name)
+
+    def denormalise(self, array: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Return normalised fields (..., V, H, W) in physical units: x * std + mean."""
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu().float().numpy()
+        return array * self.std.astype(np.float32)[:, None, None] + self.mean.astype(np.float32)[:, None, None]
+
+    def split_arrays(self, name: str) -> EvaluationArrays:
+        """Return the physical-unit persistence inputs, targets and climatology of an in-memory split."""
+        dataset = self.split(name)
+        if not isinstance(dataset, WindowDataset):
+            raise ValueError(f"the {name} split is streamed from storage, so its arrays are not in memory")
+        last = dataset.last_indices
+        valid_times = dataset.valid_times
+        return EvaluationArrays(
+            forecast_inputs_last=dataset.values[last],
+            targets=dataset.values[dataset.layout.target_indices(last)],
+            climatology=self.climatology.fields(valid_times),
+            valid_times=valid_times,
+            init_times=dataset.init_times,
+        )
+
+    def test_arrays(self) -> EvaluationArrays:
+        """Return `split_arrays('test')`: the inputs of the persistence forecast and the climatology baseline."""
+        return self.split_arrays("test")
+
+
 @dataclass
-class DataBundle:
+class DataBundle(BundleMethods):
     """Everything a trial needs from its data: datasets, grid, units, statistics and baselines."""
 
     train: WindowDataset
@@ -140,46 +191,12 @@ class DataBundle:
     values: np.ndarray = field(repr=False)  # (T, V, H, W) float32, physical units
     nan_cells: dict[str, int] = field(default_factory=dict)  # missing cells per variable in the used steps
 
-    @property
-    def in_channels(self) -> int:
-        return self.history * len(self.variables)
+    streaming = False
 
     @property
-    def out_channels(self) -> int:
-        return len(self.variables)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(n_lat, n_lon) of the fields."""
-        return len(self.latitudes), len(self.longitudes)
-
-    def split(self, name: str) -> WindowDataset:
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
-        return getattr(self, name)
-
-    def denormalise(self, array: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Return normalised fields (..., V, H, W) in physical units: x * std + mean."""
-        if isinstance(array, torch.Tensor):
-            array = array.detach().cpu().float().numpy()
-        return array * self.std.astype(np.float32)[:, None, None] + self.mean.astype(np.float32)[:, None, None]
-
-    def split_arrays(self, name: str) -> EvaluationArrays:
-        """Return the physical-unit persistence inputs, targets and climatology of a split."""
-        dataset = self.split(name)
-        last = dataset.last_indices
-        valid_times = dataset.valid_times
-        return EvaluationArrays(
-            forecast_inputs_last=self.values[last],
-            targets=self.values[dataset.layout.target_indices(last)],
-            climatology=self.climatology.fields(valid_times),
-            valid_times=valid_times,
-            init_times=dataset.init_times,
-        )
-
-    def test_arrays(self) -> EvaluationArrays:
-        """Return `split_arrays('test')`: the inputs of the persistence forecast and the climatology baseline."""
-        return self.split_arrays("test")
+    def loaded_bytes(self) -> int:
+        """Bytes of field values held in memory (float32)."""
+        return int(self.values.nbytes)
 
 
 def _load_values(dataset: xr.Dataset, first: int, last: int, factor: int) -> xr.Dataset:

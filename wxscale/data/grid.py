@@ -8,6 +8,8 @@ data or for a dataset of coordinates only (as `grid_info` uses it).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import xarray as xr
 
@@ -83,3 +85,20 @@ def coarsen(dataset: xr.Dataset, factor: int) -> xr.Dataset:
     for name in ("lat", "lon"):
         coarse[name].attrs.update(dataset[name].attrs)
     return coarse
+
+
+def coarsen_values(values: np.ndarray, factor: int) -> np.ndarray:
+    """Average blocks of factor x factor cells of fields (..., lat, lon) like `coarsen`, on a plain array.
+
+    Rows and columns that do not fill a block are dropped and the mean skips NaN,
+    so the result matches `coarsen` of the same fields up to float32 rounding.
+    """
+    if factor == 1:
+        return values
+    n_lat, n_lon = values.shape[-2] // factor, values.shape[-1] // factor
+    trimmed = values[..., : n_lat * factor, : n_lon * factor]
+    blocks = trimmed.reshape(*values.shape[:-2], n_lat, factor, n_lon, factor)
+    with warnings.catch_warnings():
+        # A block of only NaN cells is NaN, which is what the warning is about.
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        return np.nanmean(blocks, axis=(-3, -1)).astype(values.dtype, copy=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import xarray as xr
 
 from wxscale.data import synthetic
 from wxscale.data.coords import select_variables, standardise_coordinates
+from wxscale.data.store import ReadPolicy, ReliableStore, open_zarr_store
 from wxscale.errors import DataError
 from wxscale.spec import DataSpec
 
@@ -75,19 +77,17 @@ def _is_zarr(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return any(fs.exists(f"{path.rstrip('/')}/{marker}") for marker in _ZARR_MARKERS)
 
 
-def _open_zarr(location: str, options: dict[str, Any]) -> xr.Dataset:
+def _open_zarr(store: ReliableStore) -> xr.Dataset:
     """Open a zarr v2 or v3 store, with consolidated metadata when the store has it."""
     kwargs: dict[str, Any] = {"engine": "zarr", "chunks": None}
-    if options:
-        kwargs["storage_options"] = options
     with warnings.catch_warnings():
         # Extra files in a store (e.g. a sample_info.json beside the arrays) only warn.
         warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
         try:
-            return xr.open_dataset(location, consolidated=True, **kwargs)
+            return xr.open_dataset(store, consolidated=True, **kwargs)
         except _NOT_CONSOLIDATED as error:
-            logger.debug("%s has no consolidated metadata (%s); reading it unconsolidated", location, error)
-            return xr.open_dataset(location, consolidated=False, **kwargs)
+            logger.debug("%s has no consolidated metadata (%s); reading it unconsolidated", store.label, error)
+            return xr.open_dataset(store, consolidated=False, **kwargs)
 
 
 def _open_netcdf(fs: fsspec.AbstractFileSystem, protocol: str, path: str) -> xr.Dataset:
@@ -108,10 +108,27 @@ def _open_netcdf(fs: fsspec.AbstractFileSystem, protocol: str, path: str) -> xr.
     raise DataError(f"spec.data.source: cannot read s3://{path} as netCDF ({'; '.join(errors)})")
 
 
+@dataclass
+class RawSource:
+    """A source opened lazily as it is stored: the dataset, its format and, for zarr, the store it reads through."""
+
+    dataset: xr.Dataset
+    format: str  # 'zarr', 'netcdf' or 'synthetic'
+    store: ReliableStore | None = None
+
+
 def open_raw(data: DataSpec) -> xr.Dataset:
     """Open `data.source` as it is stored, without standardising coordinates or choosing variables."""
+    return open_raw_source(data).dataset
+
+
+def open_raw_source(data: DataSpec) -> RawSource:
+    """Open `data.source` lazily as it is stored; zarr stores read through a `ReliableStore`.
+
+    Raises DataError when the source is missing, inaccessible or not netCDF or zarr.
+    """
     if data.is_synthetic:
-        return synthetic.generate(data.synthetic, SYNTHETIC_DATA_SEED)
+        return RawSource(synthetic.generate(data.synthetic, SYNTHETIC_DATA_SEED), "synthetic")
 
     protocol, path = _split_location(data.source)
     options = storage_options(data) if protocol == "s3" else {}
@@ -134,9 +151,12 @@ def open_raw(data: DataSpec) -> xr.Dataset:
 
     try:
         if _is_zarr(fs, path):
-            location = data.source if protocol == "s3" else path
-            return _open_zarr(location, options)
-        return _open_netcdf(fs, protocol, path)
+            loader = data.loader
+            store = open_zarr_store(
+                protocol, path, options, ReadPolicy.from_loader(loader), loader.cache_dir, loader.cache_limit_mb
+            )
+            return RawSource(_open_zarr(store), "zarr", store)
+        return RawSource(_open_netcdf(fs, protocol, path), "netcdf")
     except PermissionError as error:
         raise DataError(
             f"spec.data.source: access denied to {data.source} ({error}); check the S3 credentials"
@@ -165,9 +185,14 @@ def open_source(data: DataSpec) -> xr.Dataset:
     be identified, or when a requested variable is absent (the message lists the
     available ones).
     """
-    raw = open_raw(data)
+    return open_source_and_raw(data)[0]
+
+
+def open_source_and_raw(data: DataSpec) -> tuple[xr.Dataset, RawSource]:
+    """Return `open_source(data)` and the RawSource it was made from (for chunking and the store)."""
+    raw = open_raw_source(data)
     label = "synthetic source" if data.is_synthetic else data.source
-    dataset = standardise_coordinates(raw, label)
+    dataset = standardise_coordinates(raw.dataset, label)
     dataset = select_variables(dataset, data.variables, label)
     logger.info(
         "opened %s: variables %s, %d steps, %d x %d grid",
@@ -177,4 +202,4 @@ def open_source(data: DataSpec) -> xr.Dataset:
         dataset.sizes["lat"],
         dataset.sizes["lon"],
     )
-    return dataset
+    return dataset, raw

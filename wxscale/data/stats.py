@@ -54,6 +54,56 @@ def normalisation_stats(values: np.ndarray, time_indices: np.ndarray, variables:
     return NormalisationStats(mean=means, std=stds)
 
 
+class RunningMoments:
+    """Per-variable count, mean and sum of squared deviations of streamed fields, NaN skipped.
+
+    Blocks are merged with the pairwise update of Chan, Golub and LeVeque (1979):
+    for parts a and b, mean = mean_a + (mean_b - mean_a) * n_b / n, and
+    M2 = M2_a + M2_b + (mean_b - mean_a)^2 * n_a * n_b / n. The result equals the
+    mean and population variance of all values together, up to float64 rounding.
+    """
+
+    def __init__(self, n_variables: int):
+        self.count = np.zeros(n_variables, dtype=np.int64)
+        self.mean = np.zeros(n_variables, dtype=np.float64)
+        self.m2 = np.zeros(n_variables, dtype=np.float64)
+        self.steps = 0
+
+    def update(self, values: np.ndarray) -> None:
+        """Add fields `values` of shape (T, V, H, W)."""
+        self.steps += len(values)
+        for v in range(values.shape[1]):
+            block = values[:, v]
+            finite = block[np.isfinite(block)].astype(np.float64)
+            n_b = finite.size
+            if n_b == 0:
+                continue
+            mean_b = float(finite.mean())
+            m2_b = float(np.square(finite - mean_b).sum())
+            n_a = int(self.count[v])
+            n = n_a + n_b
+            delta = mean_b - self.mean[v]
+            self.mean[v] += delta * n_b / n
+            self.m2[v] += m2_b + delta * delta * n_a * n_b / n
+            self.count[v] = n
+
+    def result(self, variables: list[str]) -> NormalisationStats:
+        """Return the statistics like `normalisation_stats`; raises DataError for a variable without finite values."""
+        stds = np.ones(len(variables))
+        for v, name in enumerate(variables):
+            if self.count[v] == 0:
+                raise DataError(
+                    f"variable {name!r} has no finite value in the {self.steps} training time steps read; "
+                    "check the variable, the training period and the data's missing values"
+                )
+            spread = float(np.sqrt(self.m2[v] / self.count[v]))
+            if spread > 0:
+                stds[v] = spread
+            else:
+                logger.warning("variable %s is constant (%g) over the training steps; using std 1", name, self.mean[v])
+        return NormalisationStats(mean=self.mean.copy(), std=stds)
+
+
 def day_of_year(times: pd.DatetimeIndex) -> np.ndarray:
     """Return the day of year from 0 (1 January) as float, the position on the seasonal cycle."""
     return np.asarray(times.day_of_year, dtype=np.float64) - 1.0
@@ -74,35 +124,61 @@ class Climatology:
 
     def __init__(self, values: np.ndarray, times: pd.DatetimeIndex, by_hour: bool, window_days: float = 15.0):
         """Accumulate per-(day, hour) sums of `values` (T, V, H, W) at `times` (T steps of training data)."""
-        if len(times) != len(values):
-            raise ValueError(f"got {len(values)} fields but {len(times)} times")
         self.by_hour = by_hour
         self.window_days = window_days
         self.shape = values.shape[1:]
 
-        days = np.floor(day_of_year(times))
-        hours = np.asarray(times.hour if by_hour else np.zeros(len(times)), dtype=np.int64)
-        keys = np.stack([days, hours], axis=1)
-        unique_keys, inverse = np.unique(keys, axis=0, return_inverse=True)
-        inverse = inverse.ravel()
-
         # Sums and counts of finite values per (day, hour) bin; float64 sums keep precision.
-        self.bin_days = unique_keys[:, 0]
-        self.bin_hours = unique_keys[:, 1].astype(np.int64)
-        self.sums = np.zeros((len(unique_keys), *self.shape), dtype=np.float64)
-        self.counts = np.zeros((len(unique_keys), *self.shape), dtype=np.int32)
-        for i, field in enumerate(values):
-            finite = np.isfinite(field)
-            self.sums[inverse[i]] += np.where(finite, field, 0.0)
-            self.counts[inverse[i]] += finite
-
+        self.bin_days = np.zeros(0, dtype=np.float64)
+        self.bin_hours = np.zeros(0, dtype=np.int64)
+        self.sums = np.zeros((0, *self.shape), dtype=np.float64)
+        self.counts = np.zeros((0, *self.shape), dtype=np.int32)
+        self._bins: dict[tuple[float, int], int] = {}
         self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self.add(values, times)
+
         logger.info(
             "climatology from %d training steps: %d (day, hour) bins, window +-%g days",
             len(times),
-            len(unique_keys),
+            len(self.bin_days),
             window_days,
         )
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], by_hour: bool, window_days: float = 15.0) -> Climatology:
+        """Return a climatology without steps, of fields of `shape` (V, H, W), to fill with `add`."""
+        return cls(np.zeros((0, *shape), dtype=np.float32), pd.DatetimeIndex([]), by_hour, window_days)
+
+    def add(self, values: np.ndarray, times: pd.DatetimeIndex) -> None:
+        """Add the fields `values` (T, V, H, W) at `times` to the per-(day, hour) sums."""
+        if len(times) != len(values):
+            raise ValueError(f"got {len(values)} fields but {len(times)} times")
+        if len(times) == 0:
+            return
+        times = pd.DatetimeIndex(times)
+        days = np.floor(day_of_year(times))
+        hours = np.asarray(times.hour if self.by_hour else np.zeros(len(times)), dtype=np.int64)
+
+        # Bin index of each step; keys not seen before get new bins at the end.
+        bins = np.empty(len(times), dtype=np.int64)
+        new_keys = []
+        for i, key in enumerate(zip(days.tolist(), hours.tolist())):
+            if key not in self._bins:
+                self._bins[key] = len(self._bins)
+                new_keys.append(key)
+            bins[i] = self._bins[key]
+        if new_keys:
+            added = np.asarray(new_keys, dtype=np.float64)
+            self.bin_days = np.concatenate([self.bin_days, added[:, 0]])
+            self.bin_hours = np.concatenate([self.bin_hours, added[:, 1].astype(np.int64)])
+            self.sums = np.concatenate([self.sums, np.zeros((len(new_keys), *self.shape), dtype=np.float64)])
+            self.counts = np.concatenate([self.counts, np.zeros((len(new_keys), *self.shape), dtype=np.int32)])
+
+        for i, field in enumerate(values):
+            finite = np.isfinite(field)
+            self.sums[bins[i]] += np.where(finite, field, 0.0)
+            self.counts[bins[i]] += finite
+        self._cache.clear()
 
     def _mean(self, selected: np.ndarray) -> np.ndarray:
         counts = self.counts[selected].sum(axis=0)

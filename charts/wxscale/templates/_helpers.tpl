@@ -81,9 +81,9 @@ namespace when the operator watches all namespaces.
 {{- end }}
 
 {{/*
-RBAC rules: exactly the requests the operator and kopf make. A ClusterRole
-carries them when the operator watches all namespaces, and one Role per
-watched namespace otherwise. kopf's namespace and CRD scanning is off in the
+RBAC rules: the requests the operator and kopf make, plus `get` next to `list`
+or `patch`, which exposes nothing more. A ClusterRole carries them when the
+operator watches all namespaces, and one Role per watched namespace otherwise. kopf's namespace and CRD scanning is off in the
 operator, so it needs no access to namespaces or CRDs (API discovery is open
 to every authenticated client).
 */}}
