@@ -142,7 +142,7 @@ def study_overview() -> dashboard.Dashboard:
                  [query(f"sum by (state) (wxscale_operator_study_trials{{{STUDY}}})", "{{state}}")], width=18))
              .with_panel(bars(
                  "Progress of running trials", "percentunit", "Optimizer steps done over steps planned, per trial.",
-                 [query(f"max by (trial) (wxscale_trainer_steps_total{{{STUDY}}}) / "
+                 [query(f"max by (trial) (wxscale_trainer_step{{{STUDY}}}) / "
                         f"max by (trial) (wxscale_trainer_planned_steps{{{STUDY}}})", "{{trial}}")],
                  width=24, maximum=1)))
 
@@ -204,7 +204,7 @@ def trial_efficiency() -> dashboard.Dashboard:
     board = (board.with_row(dashboard.Row("Progress"))
              .with_panel(graph(
                  "Steps done", "percentunit", "Optimizer steps done over steps planned.",
-                 [query(f"max by (trial) (wxscale_trainer_steps_total{{{TRIALS}}}) / "
+                 [query(f"max by (trial) (wxscale_trainer_step{{{TRIALS}}}) / "
                         f"max by (trial) (wxscale_trainer_planned_steps{{{TRIALS}}})", "{{trial}}")]))
              .with_panel(graph(
                  "Training and validation loss", "none", "Training loss of the last step (mean over ranks) and "
@@ -387,8 +387,8 @@ def operator_health() -> dashboard.Dashboard:
 
 
 DASHBOARDS: dict[str, Callable[[], dashboard.Dashboard]] = {
-    "study-overview.json": study_overview,
-    "trial-efficiency.json": trial_efficiency,
+    "study.json": study_overview,
+    "trial.json": trial_efficiency,
     "operator.json": operator_health,
 }
 

@@ -397,6 +397,10 @@ def scraped_study(tmp_path_factory) -> Iterator[ScrapedStudy]:
         except AssertionError:
             stop_process(trainer)
             raise AssertionError(f"trainer log:\n{log.read_text()[-4000:]}") from None
+        # A counter born in the last scrape (a collective's, on a fast trial) needs two samples for rate().
+        time.sleep(3.0)
+        trainer_time += 3.0
+        assert len(prometheus.query('up{job="wxscale-trainer"} == 1', trainer_time)) == 2, "trainer endpoints down"
         assert trainer.wait(timeout=120) == 0, f"trainer failed:\n{log.read_text()[-4000:]}"
         result_path = folder / "output" / trial_folder(trial.id) / "result.json"
         record = json.loads(result_path.read_text())

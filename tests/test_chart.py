@@ -467,6 +467,8 @@ def test_dashboards_render_nothing_without_json(helm: str, tmp_path: Path) -> No
 def test_dashboards_shipped_as_configmaps(helm: str, tmp_path: Path) -> None:
     chart = tmp_path / "wxscale"
     shutil.copytree(CHART, chart)
+    for shipped in (chart / "dashboards").glob("*.json"):
+        shipped.unlink()
     dashboard = '{"title": "Study overview", "panels": []}'
     (chart / "dashboards" / "study_overview.json").write_text(dashboard)
 
@@ -474,7 +476,7 @@ def test_dashboards_shipped_as_configmaps(helm: str, tmp_path: Path) -> None:
 
     documents = render(helm, "--set", "dashboards.enabled=true", "--set", "dashboards.label=grafana_dash",
                        chart=chart)
-    config_map = next(d for d in objects_of(documents, "ConfigMap") if d["metadata"]["name"].endswith("overview"))
+    (config_map,) = objects_of(documents, "ConfigMap")
     assert config_map["metadata"]["name"] == f"{RELEASE}-wxscale-dashboard-study-overview"
     assert config_map["metadata"]["labels"]["grafana_dash"] == "1"
     assert config_map["data"] == {"study_overview.json": dashboard}

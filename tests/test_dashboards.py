@@ -67,10 +67,10 @@ def test_generator_check_flags_stale_file(tmp_path: Path) -> None:
 
 
 def test_expected_dashboards_exist() -> None:
-    assert dashboard_files() == ["operator.json", "study-overview.json", "trial-efficiency.json"]
+    assert dashboard_files() == ["operator.json", "study.json", "trial.json"]
 
 
-@pytest.mark.parametrize("name", ["operator.json", "study-overview.json", "trial-efficiency.json"])
+@pytest.mark.parametrize("name", ["operator.json", "study.json", "trial.json"])
 def test_every_panel_has_unit_and_datasource(name: str) -> None:
     document = load(name)
     data_panels = [panel for panel in panels(document) if panel["type"] != "row"]
@@ -85,8 +85,8 @@ def test_every_panel_has_unit_and_datasource(name: str) -> None:
 
 
 def test_template_variables() -> None:
-    study = {v["name"]: v for v in load("study-overview.json")["templating"]["list"]}
-    trial = {v["name"]: v for v in load("trial-efficiency.json")["templating"]["list"]}
+    study = {v["name"]: v for v in load("study.json")["templating"]["list"]}
+    trial = {v["name"]: v for v in load("trial.json")["templating"]["list"]}
 
     assert study["datasource"]["type"] == "datasource"
     assert set(study) == {"datasource", "study"}
@@ -125,7 +125,7 @@ def label_values_query(query: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-@pytest.mark.parametrize("name", ["study-overview.json", "trial-efficiency.json"])
+@pytest.mark.parametrize("name", ["study.json", "trial.json"])
 def test_variable_queries_list_the_study(name: str, scraped_study: ScrapedStudy) -> None:
     expected = {"study": scraped_study.study, "trial": scraped_study.trial}
     for variable in load(name)["templating"]["list"]:

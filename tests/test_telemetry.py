@@ -39,8 +39,8 @@ def busy_telemetry() -> Telemetry:
     telemetry.start(planned_steps=10, flops_per_sample=1e6, tokens_per_sample=32, precision="fp32",
                     strategy="ddp", world_size=2)
     telemetry.record_data_source_read(4096, 0.5)
-    for _ in range(3):
-        telemetry.record_step(samples=8, loss=0.25, data_seconds=0.1, forward_backward_seconds=0.6,
+    for step in range(3):
+        telemetry.record_step(step=step + 1, samples=8, loss=0.25, data_seconds=0.1, forward_backward_seconds=0.6,
                               optimizer_seconds=0.1, batch_bytes=1024)
     telemetry.record_validation(0.3)
     telemetry.record_checkpoint(2048, 0.2)
@@ -116,6 +116,7 @@ def test_step_counts_rates_and_mfu() -> None:
     values = busy_telemetry().final_values()
 
     assert values["wxscale_trainer_steps_total"] == 3
+    assert values["wxscale_trainer_step"] == 3
     assert values["wxscale_trainer_samples_total"] == 24
     assert values["wxscale_trainer_tokens_total"] == 24 * 32
     assert values["wxscale_trainer_flops_total"] == 24 * 1e6
@@ -138,11 +139,11 @@ def test_rates_cover_only_recent_steps() -> None:
     telemetry = Telemetry("study-a", "t-1", peak_flops=GIGA)
     telemetry.start(planned_steps=30, flops_per_sample=1.0, tokens_per_sample=1, precision="fp32",
                     strategy="ddp", world_size=1)
-    for _ in range(5):  # slow steps, pushed out of the window by the 20 fast ones after them
-        telemetry.record_step(samples=4, loss=1.0, data_seconds=0.0, forward_backward_seconds=4.0,
+    for step in range(5):  # slow steps, pushed out of the window by the 20 fast ones after them
+        telemetry.record_step(step=step + 1, samples=4, loss=1.0, data_seconds=0.0, forward_backward_seconds=4.0,
                               optimizer_seconds=0.0)
-    for _ in range(20):
-        telemetry.record_step(samples=4, loss=1.0, data_seconds=0.0, forward_backward_seconds=0.1,
+    for step in range(5, 25):
+        telemetry.record_step(step=step + 1, samples=4, loss=1.0, data_seconds=0.0, forward_backward_seconds=0.1,
                               optimizer_seconds=0.0)
 
     assert telemetry.final_values()["wxscale_trainer_samples_per_second"] == pytest.approx(40.0)

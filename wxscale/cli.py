@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("output", help="results folder or s3:// prefix written by `wxscale run`")
     report.add_argument("--s3-endpoint", help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
     report.set_defaults(handler=cmd_report)
+
+    from wxscale.cli_data import add_data_commands
+
+    add_data_commands(commands)
     return parser
 
 

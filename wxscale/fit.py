@@ -807,6 +807,9 @@ def fit_study(
     - lossVsSamples: L vs D likewise, among the trials of one parameter count.
     - lossVsFlops: L vs C on the compute frontier (see compute_frontier).
     - lossVsParamsAndSamples: the Chinchilla form on all trials, with computeOptimal.
+    - computeOptimal: IsoFLOP profiles (approach 2), their agreement with approach 3,
+      the recommendation and the extrapolation (`wxscale.isoflop.analyse_compute_optimal`);
+      it needs 3 or more model sizes at one compute budget, as `spec.design` plans them.
 
     Each key contains `ScalingFit.to_dict()` plus `subset` (which trials were used), or
     `{"note": message}` with the FitError's message when the trials do not support
@@ -839,6 +842,14 @@ def fit_study(
         except FitError as error:
             logger.info("scaling fit %s skipped: %s", name, error)
             summary[name] = {"note": str(error)}
+
+    from wxscale.isoflop import analyse_compute_optimal  # wxscale.isoflop imports this module
+
+    try:
+        summary["computeOptimal"] = analyse_compute_optimal(records, **options)
+    except FitError as error:
+        logger.info("compute-optimal analysis skipped: %s", error)
+        summary["computeOptimal"] = {"note": str(error)}
     return summary
 
 

@@ -509,6 +509,457 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: Path) -> Path | None
     return _save(figure, out_dir / "training_curves.png")
 
 
+# Compute and efficiency ------------------------------------------------------------
+
+PROCESSES_FIELD = "training.processes"
+NODES_FIELD = "config.distributed.nodes"
+THROUGHPUT_FIELD = "training.samplesPerSecond"
+PRECISION_FIELD = "config.training.precision"
+BATCH_SIZE_FIELD = "config.training.batchSize"
+# Settings that trade memory against speed without changing the model.
+OPTIMISATION_FIELDS = (
+    "config.training.activationCheckpointing",
+    "config.training.activationCheckpointBlocks",
+    "config.training.attentionBackend",
+    "config.training.precision",
+    "config.training.microBatchSize",
+    "config.distributed.strategy",
+    "config.distributed.reshardAfterForward",
+)
+PARALLELISM_FIELDS = (
+    "config.distributed.strategy",
+    "config.distributed.nodes",
+    "config.distributed.procsPerNode",
+    "config.distributed.pipelineSchedule",
+    "config.distributed.microbatches",
+)
+
+
+def _flat_config(record: dict[str, Any]) -> dict[str, Any]:
+    """Return the trial config as {"config.section.field": value}; lists become tuples, so values hash."""
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}.{key}")
+        else:
+            flat[path] = tuple(value) if isinstance(value, list) else value
+
+    walk(record.get("config") or {}, "config")
+    return flat
+
+
+def _varying(records: Sequence[dict[str, Any]], fields: Sequence[str] | None = None) -> list[str]:
+    """Return the config paths (all of them, or those in `fields`) that take more than one value in the records."""
+    flats = [_flat_config(record) for record in records]
+    paths = fields if fields is not None else sorted({path for flat in flats for path in flat})
+    return [path for path in paths if len({repr(flat.get(path)) for flat in flats}) > 1]
+
+
+def _setting_label(record: dict[str, Any], paths: Sequence[str]) -> str:
+    """Label a trial by the last name and value of each path, e.g. "precision=bf16, activationCheckpointing=True"."""
+    flat = _flat_config(record)
+    return ", ".join(f"{path.rsplit('.', 1)[-1]}={flat.get(path)}" for path in paths) or "all trials"
+
+
+def _baseline_key(record: dict[str, Any]) -> str:
+    """Return the trial's config without its process layout, to pair it with its one-process trial."""
+    flat = _flat_config(record)
+    kept = {path: value for path, value in flat.items()
+            if not path.startswith("config.distributed.") and path != "config.training.numThreads"}
+    return repr(sorted(kept.items()))
+
+
+def scaling_efficiency(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Return {trial id: scaling efficiency} for the succeeded trials that have a one-process counterpart.
+
+    efficiency = samples/s with N processes / (N x samples/s of the one-process trial
+    whose config is the same apart from the `distributed` section). The global batch is
+    the same in both, so this is strong scaling: 1.0 is linear, below 1.0 the processes
+    lose time to communication, pipeline bubbles or contention for the machine's cores.
+    """
+    baselines: dict[str, float] = {}
+    for record in succeeded(records):
+        throughput = record_number(record, THROUGHPUT_FIELD)
+        if record_number(record, PROCESSES_FIELD) == 1 and throughput:
+            baselines.setdefault(_baseline_key(record), throughput)
+
+    efficiency = {}
+    for record in succeeded(records):
+        processes = record_number(record, PROCESSES_FIELD)
+        throughput = record_number(record, THROUGHPUT_FIELD)
+        baseline = baselines.get(_baseline_key(record))
+        if processes and throughput and baseline:
+            efficiency[str(record.get("trial"))] = throughput / (processes * baseline)
+    return efficiency
+
+
+def _plot_scaling(records: Sequence[dict[str, Any]], out_dir: Path, x_field: str, x_label: str, filename: str,
+                  title: str) -> Path | None:
+    """Plot samples/s and scaling efficiency vs a process count, one line per setting; None unless it varies."""
+    rows = _positive_rows(succeeded(records), x_field, THROUGHPUT_FIELD)
+    if len({values[0] for _, values in rows}) < 2:
+        return None
+    efficiency = scaling_efficiency(records)
+    others = [path for path in _varying([record for record, _ in rows])
+              if not path.startswith("config.distributed.") and path != "config.training.numThreads"]
+    groups: dict[str, list[tuple[float, float, float | None]]] = {}
+    for record, (x, throughput) in rows:
+        groups.setdefault(_setting_label(record, others), []).append(
+            (x, throughput, efficiency.get(str(record.get("trial")))))
+
+    figure, axes = _new_figure(1, 2)
+    for label, points in sorted(groups.items()):
+        points.sort()
+        (line,) = axes[0, 0].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        scaled = [(p[0], p[2]) for p in points if p[2] is not None]
+        if scaled:
+            axes[0, 1].plot(*zip(*scaled), marker="o", color=line.get_color(), label=label)
+    axes[0, 1].axhline(1.0, color="gray", linestyle=":", linewidth=1, label="linear scaling")
+    for panel, y_label in ((0, "training throughput (samples/s)"), (1, "scaling efficiency vs one process")):
+        axis = axes[0, panel]
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(y_label)
+        axis.set_xticks(sorted({values[0] for _, values in rows}))
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="x-small")
+    figure.suptitle(_title(title, records))
+    return _save(figure, out_dir / filename)
+
+
+def plot_throughput_vs_processes(records: Sequence[dict[str, Any]], out_dir: Path) -> Path | None:
+    """Draw samples/s and scaling efficiency vs the number of processes, when it varies."""
+    return _plot_scaling(records, out_dir, PROCESSES_FIELD, "processes (nodes x processes per node)",
+                         "throughput_vs_processes.png", "Throughput and scaling efficiency vs processes")
+
+
+def plot_throughput_vs_nodes(records: Sequence[dict[str, Any]], out_dir: Path) -> Path | None:
+    """Draw samples/s and scaling efficiency vs the number of nodes, when it varies."""
+    return _plot_scaling(records, out_dir, NODES_FIELD, "nodes (distributed.nodes)", "throughput_vs_nodes.png",
+                         "Throughput and scaling efficiency vs nodes")
+
+
+def _horizontal_bars(axis: Any, labels: Sequence[str], values: Sequence[float | None], x_label: str) -> None:
+    positions = np.arange(len(labels))
+    axis.barh(positions, [value or 0.0 for value in values], color="tab:blue", alpha=0.8)
+    axis.set_yticks(positions, labels, fontsize="x-small")
+    axis.invert_yaxis()
+    axis.set_xlabel(x_label)
+    axis.grid(True, axis="x", alpha=0.3)
+
+
+def plot_memory_vs_optimisation(records: Sequence[dict[str, Any]], out_dir: Path) -> Path | None:
+    """Draw peak training memory and samples/s per trial when an optimisation setting varies.
+
+    The settings are those of OPTIMISATION_FIELDS: activation checkpointing, attention
+    backend, precision, micro-batch size, FSDP and its resharding. Peak memory is rank 0's.
+    """
+    succeeded_records = [record for record in succeeded(records)
+                         if record_number(record, "training.peakMemoryBytes") is not None]
+    varying = _varying(succeeded_records, OPTIMISATION_FIELDS)
+    if not varying:
+        return None
+    layouts = _varying(succeeded_records, ("config.distributed.nodes", "config.distributed.procsPerNode"))
+    rows = sorted((_setting_label(record, varying + layouts), record) for record in succeeded_records)
+    labels = [f"#{record.get('index')} {label}" for label, record in rows]
+
+    figure, axes = _new_figure(1, 2, width=6.4, height=max(3.0, 0.35 * len(rows) + 1.5))
+    _horizontal_bars(axes[0, 0], labels, [record_number(record, "training.peakMemoryBytes") / 2**20
+                                          for _, record in rows], "peak training memory, rank 0 (MiB)")
+    _horizontal_bars(axes[0, 1], labels, [record_number(record, THROUGHPUT_FIELD) for _, record in rows],
+                     "training throughput (samples/s)")
+    axes[0, 1].set_yticks(np.arange(len(labels)), [""] * len(labels))
+    figure.suptitle(_title("Memory and speed vs optimisation settings", records))
+    return _save(figure, out_dir / "memory_vs_optimisation.png")
+
+
+def plot_cost_vs_accuracy_by_precision(records: Sequence[dict[str, Any]], out_dir: Path) -> Path | None:
+    """Draw test loss vs process-seconds of training, one colour per precision, when the precision varies."""
+    rows = _positive_rows(succeeded(records), "training.wallSeconds", PROCESSES_FIELD, LOSS_FIELD)
+    precisions = sorted({_flat_config(record).get(PRECISION_FIELD) for record, _ in rows} - {None})
+    if len(precisions) < 2:
+        return None
+
+    figure, axes = _new_figure()
+    axis = axes[0, 0]
+    for precision in precisions:
+        points = [(values[0] * values[1], values[2]) for record, values in rows
+                  if _flat_config(record).get(PRECISION_FIELD) == precision]
+        axis.scatter(*zip(*points), label=precision, alpha=0.8)
+    axis.set_xscale("log")
+    axis.set_xlabel("training cost (wall seconds x processes)")
+    axis.set_ylabel(LOSS_LABEL)
+    axis.set_title(_title("Cost vs accuracy by precision", records))
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(title="training.precision")
+    return _save(figure, out_dir / "cost_vs_accuracy_by_precision.png")
+
+
+def plot_quality_vs_batch_size(records: Sequence[dict[str, Any]], out_dir: Path) -> Path | None:
+    """Draw test loss and samples/s vs the global batch size, when it varies."""
+    rows = _positive_rows(succeeded(records), "config.training.batchSize", LOSS_FIELD, THROUGHPUT_FIELD)
+    if len({values[0] for _, values in rows}) < 2:
+        return None
+
+    figure, axes = _new_figure(1, 2)
+    for panel, column, y_label in ((0, 1, LOSS_LABEL), (1, 2, "training throughput (samples/s)")):
+        axis = axes[0, panel]
+        points = sorted((values[0], values[column]) for _, values in rows)
+        axis.scatter(*zip(*points), alpha=0.7, label="trials")
+        medians = {x: float(np.median([y for a, y in points if a == x])) for x in sorted({a for a, _ in points})}
+        axis.plot(list(medians), list(medians.values()), color="black", linewidth=0.8, label="median")
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("global batch size (training.batchSize)")
+        axis.set_ylabel(y_label)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.suptitle(_title("Quality and throughput vs batch size", records))
+    return _save(figure, out_dir / "quality_vs_batch_size.png")
+
+
+def _layout_label(record: dict[str, Any]) -> str:
+    flat = _flat_config(record)
+    label = (f"{flat.get('config.distributed.strategy')} {flat.get('config.distributed.nodes')}x"
+             f"{flat.get('config.distributed.procsPerNode')}")
+    if flat.get("config.distributed.strategy") == "pipeline":
+        label += f" {flat.get('config.distributed.pipelineSchedule')} m={flat.get('config.distributed.microbatches')}"
+    return label
+
+
+def plot_communication_by_parallelism(records: Sequence[dict[str, Any]], out_dir: Path) -> Path | None:
+    """Draw bytes and time of collectives per step and rank, by kind, for each trial that communicated.
+
+    Drawn when the process layout (strategy, nodes, processes, pipeline schedule)
+    varies and a trial communicated. Pipeline sends and receives have bytes but no time.
+    """
+    succeeded_records = succeeded(records)
+    talking = [record for record in succeeded_records if (record_number(record, "training.communication.bytes") or 0) > 0]
+    if not talking or not _varying(succeeded_records, PARALLELISM_FIELDS):
+        return None
+    kinds = sorted({kind for record in talking for kind in record_value(record, "training.communication.byKind")})
+    labels = [f"#{record.get('index')} {_layout_label(record)}" for record in talking]
+
+    figure, axes = _new_figure(1, 2, width=6.4, height=max(3.0, 0.4 * len(talking) + 1.5))
+    positions = np.arange(len(talking))
+    for panel, key, scale, x_label in ((0, "bytes", 2.0**-20, "communication per step and rank (MiB)"),
+                                       (1, "seconds", 1e3, "collective time per step and rank (ms)")):
+        left = np.zeros(len(talking))
+        for kind in kinds:
+            widths = []
+            for record in talking:
+                entry = record_value(record, f"training.communication.byKind.{kind}") or {}
+                ranks = len(record_value(record, "training.communication.ranks") or [None])
+                steps = record_number(record, "training.stepTime.steps") or record_number(record, "training.steps")
+                value = entry.get(key)
+                widths.append(value * scale / ranks / steps if value is not None and steps else 0.0)
+            axes[0, panel].barh(positions, widths, left=left, label=kind)
+            left += widths
+        axes[0, panel].set_yticks(positions, labels if panel == 0 else [""] * len(labels), fontsize="x-small")
+        axes[0, panel].invert_yaxis()
+        axes[0, panel].set_xlabel(x_label)
+        axes[0, panel].grid(True, axis="x", alpha=0.3)
+        axes[0, panel].legend(fontsize="x-small", title="collective")
+    figure.suptitle(_title("Communication by parallelism (strategy nodes x processes per node)", records))
+    return _save(figure, out_dir / "communication_by_parallelism.png")
+
+
+# Compute-optimal allocation ------------------------------------------------------
+
+
+def compute_optimal_analysis(fits: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Return the compute-optimal analysis of fit_study's dict, or None when it was not run or gave a note."""
+    analysis = (fits or {}).get("computeOptimal")
+    return analysis if isinstance(analysis, dict) and "approach2" in analysis else None
+
+
+def _numbers(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if value is None else value for value in values], dtype=float)
+
+
+def _budget_colour(budgets: Sequence[float]) -> Callable[[float], Any]:
+    if len(budgets) < 2:
+        return lambda budget: colormaps["viridis"](0.4)
+    norm = LogNorm(min(budgets), max(budgets))
+    return lambda budget: colormaps["viridis"](0.85 * float(norm(budget)))
+
+
+def _interval_error(estimate: dict[str, Any] | None) -> list[list[float]] | None:
+    """Return matplotlib's [[below], [above]] error bar of an estimate dict, or None without an interval."""
+    if not estimate or None in (estimate.get("value"), estimate.get("low"), estimate.get("high")):
+        return None
+    value = estimate["value"]
+    return [[max(value - estimate["low"], 0.0)], [max(estimate["high"] - value, 0.0)]]
+
+
+def _limit_log_axis(set_limits: Callable[[float, float], Any], values: Sequence[float], margin: float) -> None:
+    """Limit a log axis to the positive finite `values` widened by the factor `margin`, so that wide intervals
+    do not squash the data."""
+    finite = [value for value in values if value is not None and math.isfinite(value) and value > 0]
+    if finite:
+        set_limits(min(finite) / margin, max(finite) * margin)
+
+
+def _log_ticks_for_range(axis: Any) -> None:
+    """Label the y axis with plain numbers when it spans at most two decades (too many labels otherwise)."""
+    low, high = axis.get_ylim()
+    if low > 0 and high / low <= 100:
+        _plain_log_ticks(axis)
+
+
+def _shade_extrapolation(axis: Any, largest_budget: float, last_flops: float) -> None:
+    axis.axvspan(largest_budget, last_flops, color="gray", alpha=0.1, linewidth=0)
+    axis.axvline(largest_budget, color="gray", linestyle=":", linewidth=1)
+    axis.text(largest_budget * 1.15, 0.97, "extrapolation", transform=axis.get_xaxis_transform(),
+              va="top", fontsize="small", color="dimgray")
+
+
+def plot_isoflop_profiles(
+    records: Sequence[dict[str, Any]], out_dir: Path, fits: dict[str, Any] | None = None
+) -> Path | None:
+    """Draw test loss vs parameters at each compute budget, with the fitted parabolas and their minima."""
+    analysis = compute_optimal_analysis(fits)
+    if analysis is None:
+        return None
+    profiles = analysis["approach2"]["profiles"]
+    colour_of = _budget_colour([profile["budget"] for profile in profiles])
+    confidence = round(100 * float(analysis["approach2"].get("confidence", 0.95)))
+
+    figure, axes = _new_figure(width=7.2, height=4.8)
+    axis = axes[0, 0]
+    for profile in profiles:
+        colour = colour_of(profile["budget"])
+        params, loss = np.array(profile["params"]), np.array(profile["loss"])
+        axis.scatter(params, loss, color=colour, zorder=3, label=f"C = {profile['budget']:.3g} FLOPs")
+
+        # The parabola over the sampled sizes and a little beyond, where it stays positive.
+        centre = profile["parabola"]["centre"]
+        c0, c1, c2 = profile["parabola"]["coefficients"]
+        grid = np.exp(np.linspace(math.log(params.min()) - 0.25, math.log(params.max()) + 0.25, 120))
+        u = np.log(grid) - centre
+        curve = c0 + c1 * u + c2 * u * u
+        keep = curve > 0
+        axis.plot(grid[keep], curve[keep], color=colour, linewidth=1.1)
+
+        optimum, loss_opt = profile.get("paramsOpt"), profile.get("lossOpt")
+        if optimum and loss_opt and optimum.get("value") and loss_opt.get("value", 0) > 0:
+            axis.errorbar([optimum["value"]], [loss_opt["value"]], xerr=_interval_error(optimum), marker="*",
+                          markersize=13, color=colour, markeredgecolor="black", capsize=3, zorder=4, linestyle="none")
+
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    all_params = [value for profile in profiles for value in profile["params"]]
+    all_loss = [value for profile in profiles for value in profile["loss"]]
+    _limit_log_axis(axis.set_xlim, all_params, 3.0)
+    _limit_log_axis(axis.set_ylim, all_loss, 1.5)
+    _log_ticks_for_range(axis)
+    axis.set_xlabel(_params_label(analysis.get("paramsField", PARAMS_FIELDS[0])))
+    axis.set_ylabel(LOSS_LABEL)
+    axis.set_title(_title("IsoFLOP profiles: loss vs size at fixed compute", records))
+    axis.grid(True, which="both", alpha=0.3)
+    handles, labels = axis.get_legend_handles_labels()
+    handles.append(Line2D([], [], marker="*", markersize=11, color="gray", markeredgecolor="black", linestyle="none"))
+    labels.append(f"parabola minimum ({confidence} % interval)")
+    axis.legend(handles, labels, fontsize="small")
+    return _save(figure, out_dir / "isoflop_profiles.png")
+
+
+def plot_compute_optimal(
+    records: Sequence[dict[str, Any]], out_dir: Path, fits: dict[str, Any] | None = None
+) -> Path | None:
+    """Draw N_opt and D_opt vs compute: the profile minima and both approaches' power laws with intervals."""
+    analysis = compute_optimal_analysis(fits)
+    if analysis is None or "fan" not in analysis:
+        return None
+    profiles = analysis["approach2"]["profiles"]
+    fan = analysis["fan"]
+    flops = np.array(fan["flops"])
+    exponents = analysis.get("exponents", {})
+    largest = max(profile["budget"] for profile in profiles)
+
+    figure, axes = _new_figure(1, 2, width=6.0, height=4.6)
+    panels = (("params", "paramsOpt", "a", _params_label(analysis.get("paramsField", PARAMS_FIELDS[0]))),
+              ("samples", "samplesOpt", "b", SAMPLES_LABEL))
+    for axis, (key, profile_key, exponent, label) in zip(axes[0], panels):
+        for name, colour, style, title in (("approach2", "tab:blue", "-", "approach 2 (IsoFLOP minima)"),
+                                           ("approach3", "tab:red", "--", "approach 3 (L(N, D) fit)")):
+            columns = fan.get(name)
+            if not columns or key not in columns:
+                continue
+            value = ((exponents.get(name) or {}).get(exponent) or {}).get("value")
+            legend = f"{title}, {exponent} = {value:.3f}" if value is not None else title
+            axis.plot(flops, _numbers(columns[key]), color=colour, linestyle=style, label=legend)
+            low, high = _numbers(columns[f"{key}Low"]), _numbers(columns[f"{key}High"])
+            if np.isfinite(low).any():
+                axis.fill_between(flops, low, high, color=colour, alpha=0.15, linewidth=0)
+        for profile in profiles:
+            estimate = profile.get(profile_key)
+            if estimate and estimate.get("value"):
+                axis.errorbar([profile["budget"]], [estimate["value"]], yerr=_interval_error(estimate), marker="o",
+                              color="black", capsize=3, linestyle="none", zorder=4)
+        _shade_extrapolation(axis, largest, flops[-1])
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        central = [value for name in ("approach2", "approach3") for value in (fan.get(name) or {}).get(key, [])]
+        central += [(profile.get(profile_key) or {}).get("value") for profile in profiles]
+        _limit_log_axis(axis.set_ylim, central, 10.0)
+        axis.set_xlabel(FLOPS_LABEL)
+        axis.set_ylabel(f"compute-optimal {label}")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize="small", loc="upper left")
+    figure.suptitle(_title("Compute-optimal size and data vs compute (dots: profile minima)", records))
+    return _save(figure, out_dir / "compute_optimal.png")
+
+
+def plot_extrapolation_fan(
+    records: Sequence[dict[str, Any]], out_dir: Path, fits: dict[str, Any] | None = None
+) -> Path | None:
+    """Draw the predicted compute-optimal loss vs compute with its interval, beyond the largest budget."""
+    analysis = compute_optimal_analysis(fits)
+    columns = (analysis or {}).get("fan", {}).get("approach3")
+    if analysis is None or not columns:
+        return None
+    profiles = analysis["approach2"]["profiles"]
+    flops = np.array(analysis["fan"]["flops"])
+    largest = max(profile["budget"] for profile in profiles)
+    confidence = round(100 * float((analysis.get("approach3") or {}).get("confidence", 0.95)))
+
+    figure, axes = _new_figure(width=7.2, height=4.8)
+    axis = axes[0, 0]
+    for profile in profiles:
+        axis.scatter(np.full(len(profile["loss"]), profile["budget"]), profile["loss"], color="tab:gray", s=14,
+                     alpha=0.7, label="trials" if profile is profiles[0] else None)
+        optimum = profile.get("lossOpt")
+        if optimum and optimum.get("value", 0) > 0:
+            axis.errorbar([profile["budget"]], [optimum["value"]], yerr=_interval_error(optimum), marker="*",
+                          markersize=11, color="tab:blue", markeredgecolor="black", capsize=3, linestyle="none",
+                          label="IsoFLOP minimum" if profile is profiles[0] else None, zorder=4)
+    axis.plot(flops, _numbers(columns["loss"]), color="tab:red", label="approach 3: loss at the optimal N, D")
+    low, high = _numbers(columns["lossLow"]), _numbers(columns["lossHigh"])
+    if np.isfinite(low).any():
+        axis.fill_between(flops, low, high, color="tab:red", alpha=0.15, linewidth=0,
+                          label=f"{confidence} % interval (bootstrap over trials)")
+    for entry in analysis.get("extrapolation", []):
+        loss = (entry.get("approach3") or {}).get("loss")
+        if loss and loss.get("value"):
+            axis.errorbar([entry["flops"]], [loss["value"]], yerr=_interval_error(loss), marker="D", color="tab:red",
+                          markeredgecolor="black", capsize=4, linestyle="none", zorder=4)
+            axis.annotate(f"{entry['factor']:.0f}x: {loss['value']:.3g}", (entry["flops"], loss["value"]),
+                          textcoords="offset points", xytext=(-10, 10), ha="right", fontsize="small")
+    _shade_extrapolation(axis, largest, flops[-1])
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    observed = [value for profile in profiles for value in profile["loss"]]
+    _limit_log_axis(axis.set_ylim, observed + [value for value in columns["loss"] if value is not None], 2.0)
+    _log_ticks_for_range(axis)
+    axis.set_xlabel(FLOPS_LABEL)
+    axis.set_ylabel(LOSS_LABEL)
+    axis.set_title(_title("Extrapolation of the compute-optimal loss", records))
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize="small")
+    return _save(figure, out_dir / "extrapolation_fan.png")
+
+
 # All figures ---------------------------------------------------------------------
 
 
@@ -526,6 +977,15 @@ def write_plots(
         "costVsEmbedDim": lambda: plot_cost_vs_embed_dim(records, out_dir),
         "costVsHistory": lambda: plot_cost_vs_history(records, out_dir),
         "trainingCurves": lambda: plot_curves(records, out_dir),
+        "isoflopProfiles": lambda: plot_isoflop_profiles(records, out_dir, fits),
+        "computeOptimal": lambda: plot_compute_optimal(records, out_dir, fits),
+        "extrapolationFan": lambda: plot_extrapolation_fan(records, out_dir, fits),
+        "throughputVsProcesses": lambda: plot_throughput_vs_processes(records, out_dir),
+        "throughputVsNodes": lambda: plot_throughput_vs_nodes(records, out_dir),
+        "memoryVsOptimisation": lambda: plot_memory_vs_optimisation(records, out_dir),
+        "costVsAccuracyByPrecision": lambda: plot_cost_vs_accuracy_by_precision(records, out_dir),
+        "qualityVsBatchSize": lambda: plot_quality_vs_batch_size(records, out_dir),
+        "communicationByParallelism": lambda: plot_communication_by_parallelism(records, out_dir),
     }
     written = {}
     for name, make in makers.items():

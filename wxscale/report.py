@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import logging
 from collections import Counter
 from datetime import datetime, timezone
@@ -16,13 +17,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from wxscale import __version__
-from wxscale.fit import FIT_NAMES, MIN_BOOTSTRAP_FITS, fit_study, record_number
+from wxscale.fit import FIT_NAMES, MIN_BOOTSTRAP_FITS, fit_study, record_number, record_value
 from wxscale.plots import (
     BASELINES,
     atomic_path,
     format_si,
     is_synthetic,
     params_field,
+    scaling_efficiency,
     skill_ratio,
     succeeded,
     variable_units,
@@ -51,6 +53,15 @@ FIGURE_CAPTIONS = {
     "costVsEmbedDim": "Peak memory and inference latency vs embedding width",
     "costVsHistory": "Peak memory and inference latency vs input history",
     "trainingCurves": "Training and validation loss per trial",
+    "isoflopProfiles": "IsoFLOP profiles: test loss vs model size at each compute budget, parabolas and minima",
+    "computeOptimal": "Compute-optimal model size and training samples vs compute, both approaches with intervals",
+    "extrapolationFan": "Predicted compute-optimal test loss vs compute with its interval beyond the largest budget",
+    "throughputVsProcesses": "Training throughput and scaling efficiency vs processes",
+    "throughputVsNodes": "Training throughput and scaling efficiency vs nodes",
+    "memoryVsOptimisation": "Peak training memory and throughput per optimisation setting",
+    "costVsAccuracyByPrecision": "Test loss vs training cost (wall seconds x processes) by precision",
+    "qualityVsBatchSize": "Test loss and throughput vs global batch size",
+    "communicationByParallelism": "Collective bytes and time per step and rank, by kind and parallel layout",
 }
 
 
@@ -289,6 +300,53 @@ def _trial_table_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _compute_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Render the process layout and efficiency of each succeeded trial that recorded them; [] when none did."""
+    measured = [record for record in succeeded(records) if record_value(record, "training.parallelism")]
+    if not measured:
+        return []
+    efficiency = scaling_efficiency(records)
+    header = ["#", "trial", "layout", "precision", "act. ckpt", "samples/s", "scaling eff.", "MFU", "HFU",
+              "peak MiB", "comm MiB/step/rank", "checkpoint MB", "write s", "storage MB"]
+    lines = [
+        "## Compute and efficiency",
+        "",
+        "Layout is strategy nodes x processes per node. Scaling efficiency is samples/s / (processes x samples/s of "
+        "the one-process trial with the same config apart from `distributed`). MFU and HFU divide model and "
+        "hardware FLOP/s (hardware FLOPs add recomputation) by the peak of all processes; on CPU the peak is a "
+        "measured matmul rate. Peak memory is rank 0's.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for record in _sorted(measured):
+        config = record.get("config") or {}
+        layout = config.get("distributed") or {}
+        training = config.get("training") or {}
+        communication = record_number(record, "training.communication.bytesPerStepPerRank")
+        checkpoint = record_number(record, "training.checkpoint.lastBytes")
+        storage = record_number(record, "training.storageBytes")
+        peak = record_number(record, "training.peakMemoryBytes")
+        row = [
+            record.get("index", "-"),
+            f"`{record.get('trial', '-')}`",
+            f"{layout.get('strategy', '-')} {layout.get('nodes', '-')}x{layout.get('procsPerNode', '-')}",
+            training.get("precision", "-"),
+            "on" if training.get("activationCheckpointing") else "off",
+            _format_number(record_number(record, "training.samplesPerSecond"), 4),
+            _format_number(efficiency.get(str(record.get("trial"))), 3),
+            _format_number(record_number(record, "training.mfu"), 3),
+            _format_number(record_number(record, "training.hfu"), 3),
+            _format_number(peak / 2**20 if peak is not None else None, 4),
+            _format_number(communication / 2**20 if communication is not None else None, 3),
+            _format_number(checkpoint / 1e6 if checkpoint is not None else None, 3),
+            _format_number(record_number(record, "training.checkpoint.meanWriteSeconds"), 3),
+            _format_number(storage / 1e6 if storage is not None else None, 3),
+        ]
+        lines.append("| " + " | ".join(_cell(cell) for cell in row) + " |")
+    return lines
+
+
 def _estimate_text(entry: dict[str, Any]) -> tuple[str, str, str]:
     return tuple(_format_number(entry.get(key)) for key in ("value", "low", "high"))  # type: ignore[return-value]
 
@@ -354,6 +412,228 @@ def _figure_lines(figures: dict[str, Path], out_dir: Path) -> list[str]:
     return lines
 
 
+# Compute-optimal allocation -------------------------------------------------------
+
+
+def _estimate_cell(entry: dict[str, Any] | None, count: bool = False) -> str:
+    """Render an estimate dict as 'value [low, high]'; counts get SI suffixes (34.5k)."""
+    if not entry or entry.get("value") is None:
+        return "-"
+
+    def show(value: float | None) -> str:
+        return format_si(value) if count else _format_number(value, 3)
+
+    if entry.get("low") is None or entry.get("high") is None:
+        return f"{show(entry['value'])} (no interval)"
+    return f"{show(entry['value'])} [{show(entry['low'])}, {show(entry['high'])}]"
+
+
+def _recommendation_lines(analysis: dict[str, Any], confidence: int) -> list[str]:
+    recommendation = analysis.get("recommendation") or {}
+    if "method" not in recommendation:
+        return [f"No recommendation: {recommendation.get('note', 'neither approach gave an allocation')}."]
+    line = (
+        f"**Recommendation** for the next budget, {recommendation['flops']:.3g} FLOPs ({recommendation['method']}, "
+        f"{confidence} % intervals): N = {_estimate_cell(recommendation.get('params'), count=True)} "
+        f"{'non-embedding ' if analysis.get('paramsField') == 'model.nonEmbeddingParams' else ''}parameters, "
+        f"D = {_estimate_cell(recommendation.get('samples'), count=True)} training samples"
+    )
+    if recommendation.get("loss"):
+        line += f", predicted test loss {_estimate_cell(recommendation['loss'])}"
+    second = recommendation.get("approach2")
+    if second and recommendation["method"] != "approach 2":
+        line += (f". Approach 2 gives N = {_estimate_cell(second.get('params'), count=True)}, "
+                 f"D = {_estimate_cell(second.get('samples'), count=True)}")
+    return [line + ". The next budget is the largest budget times the step between the last two."]
+
+
+def _profile_lines(analysis: dict[str, Any], confidence: int) -> list[str]:
+    approach2 = analysis["approach2"]
+    lines = [
+        "### IsoFLOP profiles (approach 2)",
+        "",
+        "At each budget a parabola in ln N is fitted to the test loss; its minimum gives N_opt, and "
+        "D_opt = C / FLOPs per sample at N_opt. Intervals come from a wild bootstrap that flips the sign of each "
+        "trial's residual. Position places the minimum in the trained sizes: -1 at the smallest, +1 at the largest.",
+        "",
+        f"| budget (FLOPs) | trials | sizes (N) | N_opt ({confidence} %) | D_opt ({confidence} %) | loss at minimum | "
+        "position |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for profile in approach2["profiles"]:
+        position = profile.get("position")
+        where = "-" if position is None else f"{position:+.2f}"
+        if position is not None and abs(position) > 1:
+            where += " (outside)"
+        elif profile.get("offCentre"):
+            where += " (off-centre)"
+        sizes = f"{format_si(min(profile['params']))}-{format_si(max(profile['params']))}"
+        lines.append(
+            f"| {profile['budget']:.3g} | {len(profile['trials'])} | {sizes} | "
+            f"{_estimate_cell(profile.get('paramsOpt'), count=True)} | "
+            f"{_estimate_cell(profile.get('samplesOpt'), count=True)} | {_estimate_cell(profile.get('lossOpt'))} | "
+            f"{where} |"
+        )
+    lines.append("")
+    if approach2.get("a"):
+        lines.append(
+            f"Power laws on the minima: N_opt = G_N C^a with a = {_estimate_cell(approach2['a'])}, "
+            f"D_opt = G_D C^b with b = {_estimate_cell(approach2['b'])}."
+        )
+    else:
+        lines.append(f"No power law: {approach2.get('note', 'too few profiles with a minimum')}.")
+    return lines + _bias_lines(analysis)
+
+
+def _bias_lines(analysis: dict[str, Any]) -> list[str]:
+    """State approach 2's known bias when the sizes are not centred on the optimum, with its estimate."""
+    off_centre = analysis.get("offCentreBudgets") or []
+    bias = analysis.get("gridBias") or {}
+    estimate = ""
+    if bias.get("budgets"):
+        worst = max(bias["budgets"], key=lambda entry: abs(entry["relativeError"]))
+        estimate = (
+            f" Applied to the noise-free approach-3 surface at the same sizes, the parabola misplaces N_opt by up to "
+            f"{100 * worst['relativeError']:+.1f} % (at {worst['budget']:.3g} FLOPs)"
+        )
+        if bias.get("exponentError") is not None:
+            estimate += f" and shifts the exponent a by {bias['exponentError']:+.3f}"
+        estimate += "."
+    if off_centre:
+        return ["", (
+            "**Bias of approach 2:** the trained sizes are not centred on the optimum at budgets "
+            + ", ".join(f"{budget:.3g}" for budget in off_centre)
+            + ". A parabola in ln N is symmetric but the IsoFLOP profile is not, so its minimum moves with where the "
+            "sizes sit and how wide they span." + estimate
+        )]
+    return ["", f"The trained sizes are centred on the optimum at every budget.{estimate}"] if estimate else []
+
+
+def _agreement_lines(analysis: dict[str, Any], confidence: int) -> list[str]:
+    agreement = analysis.get("agreement") or {}
+    exponents = (analysis.get("exponents") or {}).get("approach3") or {}
+    lines = [
+        "### Agreement of approaches 2 and 3",
+        "",
+        f"Approach 3 fits L(N, D) = E + A/N^alpha + B/D^beta to every point (alpha = "
+        f"{_estimate_cell(exponents.get('alpha'))}, beta = {_estimate_cell(exponents.get('beta'))}) and gives "
+        "a = beta/(alpha+beta), b = alpha/(alpha+beta).",
+        "",
+        f"| exponent | approach 2 ({confidence} %) | approach 3 ({confidence} %) | intervals overlap |",
+        "|---|---|---|---|",
+    ]
+    for name, label in (("a", "a (N_opt ~ C^a)"), ("b", "b (D_opt ~ C^b)")):
+        entry = agreement.get(name) or {}
+        overlap = {True: "yes", False: "**no**", None: "not checked (no interval)"}[entry.get("intervalsOverlap")]
+        lines.append(
+            f"| {label} | {_estimate_cell(entry.get('approach2'))} | {_estimate_cell(entry.get('approach3'))} | "
+            f"{overlap} |"
+        )
+    if agreement.get("warning"):
+        lines += ["", f"**Warning:** {agreement['warning']}."]
+    return lines
+
+
+def _extrapolation_lines(analysis: dict[str, Any], confidence: int) -> list[str]:
+    lines = [
+        "### Extrapolation",
+        "",
+        "**These budgets lie beyond the largest trained budget: the numbers are extrapolations of the fitted laws, "
+        "not measurements.** Approach 3 assumes C = k N D with k the median over the points.",
+        "",
+        f"| budget (FLOPs) | x largest | N_opt, approach 3 | D_opt, approach 3 | loss, approach 3 | N_opt, approach 2 "
+        f"| D_opt, approach 2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in analysis.get("extrapolation") or []:
+        third = entry.get("approach3") or {}
+        second = entry.get("approach2") or {}
+        lines.append(
+            f"| {entry['flops']:.3g} | {entry['factor']:.0f} | {_estimate_cell(third.get('params'), count=True)} | "
+            f"{_estimate_cell(third.get('samples'), count=True)} | {_estimate_cell(third.get('loss'))} | "
+            f"{_estimate_cell(second.get('params'), count=True)} | {_estimate_cell(second.get('samples'), count=True)} |"
+        )
+    lines.append(f"\nIntervals are {confidence} % bootstrap percentiles; they cover the fit's noise, not a change "
+                 "of regime beyond the trained budgets.")
+    return lines
+
+
+def _held_out_lines(analysis: dict[str, Any]) -> list[str]:
+    held = analysis.get("heldOut") or {}
+    lines = ["### Held-out budget", ""]
+    if "note" in held:
+        return lines + [f"Not run: {held['note']}."]
+    fitted_on = ", ".join(f"{budget:.3g}" for budget in held.get("fittedOn", []))
+    line = (
+        f"Fitted on the budgets {fitted_on} and predicting the {len(held['points'])} trials at {held['budget']:.3g} "
+        f"FLOPs, approach 3 misses their test loss by {100 * held['meanAbsoluteRelativeError']:.1f} % on average "
+        f"({100 * held['maxAbsoluteRelativeError']:.1f} % at most); {held['nInsideInterval']} of "
+        f"{len(held['points'])} observed losses lie inside the prediction interval."
+    )
+    observed = next((profile.get("paramsOpt") for profile in analysis["approach2"]["profiles"]
+                     if math.isclose(profile["budget"], held["budget"], rel_tol=1e-9)), None)
+    predictions = [f"approach 3 {format_si(held['approach3ParamsOpt'])}"]
+    if held.get("approach2ParamsOpt") is not None:
+        predictions.insert(0, f"approach 2 {format_si(held['approach2ParamsOpt'])}")
+    if observed and observed.get("value"):
+        line += (f" N_opt predicted there: {', '.join(predictions)}; the full-data profile minimum is "
+                 f"{format_si(observed['value'])}.")
+    return lines + [line]
+
+
+def _per_variable_lines(analysis: dict[str, Any]) -> list[str]:
+    entries = analysis.get("perVariable")
+    lines = ["### Per variable and lead time", ""]
+    if isinstance(entries, dict):
+        return lines + [f"{entries.get('note', 'Not run')}."]
+    lines += [
+        "The same fits on each variable's test MSE, since a pooled loss can improve while one channel gets worse.",
+        "",
+        "| variable | lead time (h) | a, approach 2 | a, approach 3 | alpha | beta | best MSE per budget | worse at |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        second = entry.get("approach2") or {}
+        third = entry.get("approach3") or {}
+        best = ", ".join(_format_number(value, 3) for value in entry.get("bestLoss", []))
+        worse = ", ".join(f"{budget:.3g}" for budget in entry.get("worseAtBudgets", [])) or "-"
+        lead = entry.get("leadTimeHours")
+        lines.append(
+            f"| {entry['variable']} | {'-' if lead is None else f'{lead:g}'} | {_estimate_cell(second.get('a'))} | "
+            f"{_estimate_cell(third.get('a'))} | {_estimate_cell(third.get('alpha'))} | "
+            f"{_estimate_cell(third.get('beta'))} | {best} | {worse} |"
+        )
+    return lines
+
+
+def _compute_optimal_lines(fits: dict[str, Any]) -> list[str]:
+    """Render the compute-optimal section: recommendation, profiles, agreement, extrapolation and checks."""
+    analysis = fits.get("computeOptimal")
+    if not analysis:
+        return []
+    lines = ["## Compute-optimal allocation", ""]
+    if "note" in analysis:
+        return lines + [f"Not analysed: {analysis['note']}."]
+
+    confidence = round(100 * float(analysis["approach2"].get("confidence", 0.95)))
+    design = "compute ladder" if analysis.get("design") == "compute_ladder" else "IsoFLOP design"
+    lines += [
+        f"{analysis['nPoints']} points from {analysis['nTrials']} trials ({design}) at "
+        f"{len(analysis['budgets'])} compute budgets; N is `{analysis.get('paramsField')}`, D the training samples "
+        "seen, C the analytic training FLOPs.",
+        "",
+    ]
+    lines += _recommendation_lines(analysis, confidence) + [""]
+    lines += _profile_lines(analysis, confidence) + [""]
+    lines += _agreement_lines(analysis, confidence) + [""]
+    lines += _extrapolation_lines(analysis, confidence) + [""]
+    lines += _held_out_lines(analysis) + [""]
+    lines += _per_variable_lines(analysis)
+    if analysis.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in analysis["notes"]]
+    return lines
+
+
 def render_report(
     records: Sequence[dict[str, Any]], study_name: str, fits: dict[str, Any], figures: dict[str, Path], out_dir: Path
 ) -> str:
@@ -362,7 +642,13 @@ def render_report(
     lines = [f"# Scaling study `{study_name}`", "", f"Generated {generated} by wxscale {__version__}.", ""]
     lines += _summary_lines(records) + [""]
     lines += _trial_table_lines(records) + [""]
+    compute = _compute_lines(records)
+    if compute:
+        lines += compute + [""]
     lines += _fit_lines(fits) + [""]
+    compute_optimal = _compute_optimal_lines(fits)
+    if compute_optimal:
+        lines += compute_optimal + [""]
     lines += _figure_lines(figures, out_dir)
     return "\n".join(lines).rstrip() + "\n"
 

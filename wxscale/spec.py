@@ -149,14 +149,15 @@ class LoaderSpec(Model):
         "storage in blocks of whole time chunks while training; validation and test stay in memory. 'auto' streams "
         "when the float32 size of the training period exceeds streamAboveMB. The synthetic source is always in memory.",
     )
-    stream_above_mb: float = Field(4096.0, gt=0, description="Training-period size in MB above which 'auto' streams.")
+    stream_above_mb: float = Field(4096.0, gt=0, alias="streamAboveMB", description="Training-period size in MB above which 'auto' streams.")
     memory_mb: float = Field(
         1024.0,
         gt=0,
+        alias="memoryMB",
         description="Memory budget of the streaming loader in MB: blocks being read, queued and shuffled. Blocks are "
         "sized in whole time chunks to fit it.",
     )
-    block_mb: float = Field(64.0, gt=0, description="Target size of one block read in MB (float32 after cropping).")
+    block_mb: float = Field(64.0, gt=0, alias="blockMB", description="Target size of one block read in MB (float32 after cropping).")
     workers: int = Field(2, ge=1, le=64, description="Threads that read blocks in parallel.")
     prefetch: int = Field(4, ge=1, le=256, description="Blocks read ahead of training (the bounded queue).")
     shuffle_blocks: int = Field(4, ge=1, le=1024, description="Blocks whose samples are shuffled together.")
@@ -172,14 +173,14 @@ class LoaderSpec(Model):
         "machine. The store must not change while it is cached.",
     )
     cache_limit_mb: float | None = Field(
-        None, gt=0, description="Maximum size of the chunk cache in MB; chunks beyond it are not cached. Default no limit."
+        None, gt=0, alias="cacheLimitMB", description="Maximum size of the chunk cache in MB; chunks beyond it are not cached. Default no limit."
     )
     retries: int = Field(4, ge=0, le=20, description="Retries of a storage request that failed with a transient error.")
     retry_backoff_seconds: float = Field(
         0.5, gt=0, description="Delay before the first retry in seconds; it doubles with every retry, up to 30 s."
     )
     timeout_seconds: float = Field(
-        120.0, gt=0, description="Timeout of one storage request and of the wait for one block, in seconds."
+        120.0, gt=0, description="Timeout of one storage request in seconds; the wait for one block read is (retries + 2) times it."
     )
     missing_chunks: Literal["error", "fill"] = Field(
         "error",

@@ -161,7 +161,35 @@ def build_status(
         status["fit"] = fit
         exponent = ((fit.get("lossVsFlops") or {}).get("parameters") or {}).get("alpha", {}).get("value")
         status["fittedExponent"] = exponent
+        compute_optimal = compute_optimal_summary(fit.get("computeOptimal"))
+        if compute_optimal is not None:
+            status["computeOptimal"] = compute_optimal
     return status
+
+
+def compute_optimal_summary(analysis: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Condense `wxscale.isoflop.analyse_compute_optimal` for the status: exponents, recommendation, agreement.
+
+    Returns None when the analysis is missing or is a note (the study has no IsoFLOP profiles).
+    Estimates keep their value and interval: {"value", "low", "high"}.
+    """
+    if not analysis or "note" in analysis:
+        return None
+    exponents = analysis.get("exponents") or {}
+    second = exponents.get("approach2") or {}
+    third = exponents.get("approach3") or {}
+    recommendation = analysis.get("recommendation") or {}
+    agreement = analysis.get("agreement") or {}
+    return {
+        "exponents": {
+            "a": {"approach2": second.get("a"), "approach3": third.get("a")},
+            "b": {"approach2": second.get("b"), "approach3": third.get("b")},
+            "alpha": third.get("alpha"),
+            "beta": third.get("beta"),
+        },
+        "recommendation": {key: recommendation.get(key) for key in ("flops", "method", "params", "samples", "loss")},
+        "agreement": {"agree": agreement.get("agree"), "warning": agreement.get("warning")},
+    }
 
 
 def _ledger(trials: list[Trial], states: dict[str, str], records: dict[str, dict[str, Any]],
@@ -183,7 +211,7 @@ def _ledger(trials: list[Trial], states: dict[str, str], records: dict[str, dict
     for trial in trials:
         record = records.get(trial.id) or {}
         training = record.get("training") or {}
-        flops = training.get("flopsAnalytic") or 0.0
+        flops = (training.get("flopsAnalytic") or 0.0) + (training.get("flopsCooldownBranches") or 0.0)
         gpus = gpus_per_trial.get(trial.id, 0)
         gpu_seconds = gpus * (training.get("wallSeconds") or 0.0)
         spent_flops += flops

@@ -4,7 +4,8 @@ This is the command every trial runs, locally under torchrun and in a
 PyTorchJob pod alike; torchrun and the Kubeflow training operator both set
 RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Rank 0 writes the result record
 to `OUTPUT/trials/<trial>/result.json`; a failure writes a record with
-state Failed and the error, then exits non-zero.
+state Failed and the error, then exits non-zero. With --metrics-port every
+process serves Prometheus metrics (docs/telemetry.md).
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     metrics = parser.add_argument_group("metrics (see docs/telemetry.md)")
-    metrics.add_argument("--metrics-port", type=int, default=os.environ.get("WXSCALE_METRICS_PORT"),
+    metrics.add_argument("--metrics-port", type=int, default=os.environ.get("WXSCALE_METRICS_PORT"), metavar="PORT",
                          help="serve Prometheus metrics on this port plus LOCAL_RANK (default $WXSCALE_METRICS_PORT; "
                               "unset: no endpoint)")
-    metrics.add_argument("--metrics-address", default="0.0.0.0",
+    metrics.add_argument("--metrics-address", default="0.0.0.0", metavar="ADDRESS",
                          help="address the metrics endpoint listens on (default 0.0.0.0)")
     metrics.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
                          help="keep the metrics endpoint up this many seconds after the trial, so that Prometheus "
                               "scrapes the final values (default 0)")
     metrics.add_argument("--pushgateway", default=os.environ.get("WXSCALE_PUSHGATEWAY"), metavar="URL",
                          help="push the final metrics to this Prometheus pushgateway (default $WXSCALE_PUSHGATEWAY)")
-    metrics.add_argument("--peak-flops", type=float, default=os.environ.get("WXSCALE_PEAK_FLOPS"),
+    metrics.add_argument("--peak-flops", type=float, default=os.environ.get("WXSCALE_PEAK_FLOPS"), metavar="FLOPS",
                          help="peak FLOP/s of one process's device for MFU (default $WXSCALE_PEAK_FLOPS, else the "
                               "table of known GPUs, or a measured matmul rate on CPU)")
     args = parser.parse_args(argv)

@@ -162,7 +162,9 @@ class Telemetry:
                           LABELS, registry=self.registry).labels(**self.labels)
 
         # Progress.
-        self._steps = counter("wxscale_trainer_steps", "Optimizer steps done.").labels(**self.labels)
+        self._steps = counter("wxscale_trainer_steps", "Optimizer steps this process has done.").labels(
+            **self.labels)
+        self._step = gauge("wxscale_trainer_step", "Optimizer steps of the trial done, those before a resume too.")
         self._planned_steps = gauge("wxscale_trainer_planned_steps", "Optimizer steps the trial plans.")
         self._samples = counter("wxscale_trainer_samples", "Training samples this process has seen.").labels(
             **self.labels)
@@ -271,15 +273,16 @@ class Telemetry:
             info["gpu_uuid"] = f"GPU-{torch.cuda.get_device_properties(self.device).uuid}"
         self._info.info(info)
 
-    def record_step(self, *, samples: int, loss: float, data_seconds: float, forward_backward_seconds: float,
-                    optimizer_seconds: float, batch_bytes: int = 0) -> None:
-        """Count one optimizer step of this process: its samples, loss and time per phase.
+    def record_step(self, *, step: int, samples: int, loss: float, data_seconds: float,
+                    forward_backward_seconds: float, optimizer_seconds: float, batch_bytes: int = 0) -> None:
+        """Count one optimizer step of this process: the trial's step number after it, samples, loss, phase times.
 
         The rate gauges divide the samples of the last THROUGHPUT_WINDOW_STEPS steps
         by the time of their phases, so validation and logging between steps do not
         lower them.
         """
         self._steps.inc()
+        self._set(self._step, step)
         self._samples.inc(samples)
         self._tokens.inc(samples * self._tokens_per_sample)
         self._flops.inc(samples * self._flops_per_sample)

@@ -8,6 +8,7 @@ split, measure inference, write the record.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from wxscale.data import build_datasets
+from wxscale.data import load_trial_data
+from wxscale.designs import cooldown_steps
 from wxscale.flops import measure_flops, model_cost
 from wxscale.metrics import latitude_weighted_mse_loss, latitude_weights
 from wxscale.model import WeatherViT
@@ -51,6 +53,32 @@ def autocast_for(precision: str, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cooldown_branch(strategy, optimizer: torch.optim.Optimizer, batches, *, start: int, length: int, training,
+                    accumulation: int, device: torch.device, evaluate) -> dict[str, Any]:
+    """Train the cool-down of a run of `length` steps from step `start`, evaluate it, then restore step `start`.
+
+    The branch follows lr_multiplier(step, length, schedule): the constant_cooldown schedule of a
+    run of `length` steps, so its evaluation stands in for that run (Hägele et al. 2024, "Scaling Laws
+    and Compute-Optimal Training Beyond Fixed Training Durations"). `evaluate()` returns the
+    evaluation entries of the point. The branch consumes batches of the run's data order.
+    """
+    saved = copy.deepcopy(strategy.checkpoint_state(optimizer))
+    saved_scaler = copy.deepcopy(strategy.scaler.state_dict())
+    for step in range(start, length):
+        for group in optimizer.param_groups:
+            group["lr"] = training.optimizer.lr * lr_multiplier(step, length, training.schedule)
+        for micro in range(accumulation):
+            x, y, mask = (tensor.to(device, non_blocking=True) for tensor in next(batches))
+            strategy.forward_backward(x, y, mask, sync=micro == accumulation - 1, loss_scale=1.0 / accumulation)
+        strategy.optimizer_step(optimizer, training.optimizer.grad_clip)
+
+    point = {"steps": length, "samples": length * training.batch_size, "cooldownSteps": length - start,
+             **evaluate()}
+    strategy.load_checkpoint_state(optimizer, saved)
+    strategy.scaler.load_state_dict(saved_scaler)
+    return point
+
+
 def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = None,
               output: Location | None = None) -> dict[str, Any]:
     """Train and evaluate one trial; return its result record (on every rank).
@@ -67,8 +95,9 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
 
     # Data: splits, normalisation statistics and climatology from the training period.
     tick = time.perf_counter()
-    bundle = build_datasets(config.data, seed=training.seed)
-    telemetry.record_data_source_read(bundle.values.nbytes, time.perf_counter() - tick)
+    # Large stores stream the training split from storage (spec.data.loader); small ones load into memory.
+    bundle = load_trial_data(config.data, seed=training.seed)
+    telemetry.record_data_source_read(bundle.loaded_bytes, time.perf_counter() - tick)
     n_vars = len(bundle.variables)
     grid = tuple(bundle.grid)
     in_channels = config.data.history * n_vars
@@ -78,9 +107,14 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
     accumulation = config.accumulation_steps
     data_parallel = 1 if config.distributed.strategy == "pipeline" else runtime.world_size
     per_rank_batch = training.batch_size // (data_parallel * accumulation)
-    sampler = ResumableSampler(bundle.train, num_replicas=data_parallel, rank=runtime.rank % data_parallel,
-                               shuffle=True, seed=training.seed, drop_last=True)
-    train_loader = DataLoader(bundle.train, batch_size=per_rank_batch, sampler=sampler, drop_last=True)
+    if bundle.streaming:
+        # The streaming loader gives each rank disjoint blocks of the store and shuffles by seed and epoch itself.
+        train_loader = sampler = bundle.train.loader(per_rank_batch, rank=runtime.rank % data_parallel,
+                                                     world_size=data_parallel)
+    else:
+        sampler = ResumableSampler(bundle.train, num_replicas=data_parallel, rank=runtime.rank % data_parallel,
+                                   shuffle=True, seed=training.seed, drop_last=True)
+        train_loader = DataLoader(bundle.train, batch_size=per_rank_batch, sampler=sampler, drop_last=True)
     val_loader = DataLoader(bundle.validation, batch_size=per_rank_batch, shuffle=False)
     test_loader = DataLoader(bundle.test, batch_size=per_rank_batch, shuffle=False)
     if len(train_loader) == 0:
@@ -147,8 +181,31 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
     forward_backward_total = optimizer_total = 0.0  # this attempt's steps only, for the step-time breakdown
     bandwidth = GpuMemoryBandwidth(device)
     bandwidth.start()
+
+    # Compute ladder: a branch for ladder length T starts where a run of T steps would begin its cool-down.
+    ladder: list[dict[str, Any]] = resumed.get("ladder", []) if resumed else []
+    branch_starts: dict[int, list[int]] = {}
+    for length in training.ladder_steps or ():
+        branch_start = length - cooldown_steps(length, training.schedule.cooldown_fraction)
+        branch_starts.setdefault(branch_start, []).append(length)
+
+    def evaluate_branch() -> dict[str, Any]:
+        validation = mean_loss(strategy.evaluation_model(), val_loader, weights, device, autocast,
+                               max_batches=training.eval_batches * data_parallel)
+        test = evaluate_test(strategy.full_model(), bundle, test_loader, weights, device, autocast)
+        return {"validationLoss": validation, "evaluation": test}
+
     started = time.perf_counter()
     for step in range(start_step, trial.steps):
+        for length in branch_starts.get(step, []):
+            tick = time.perf_counter()
+            point = cooldown_branch(strategy, optimizer, batches, start=step, length=length, training=training,
+                                    accumulation=accumulation, device=device, evaluate=evaluate_branch)
+            point["flopsAnalytic"] = cost.flops_per_sample * point["samples"]
+            ladder.append(point)
+            logger.info("ladder point at %d steps: test loss %.4f (cool-down of %d steps from step %d)", length,
+                        point["evaluation"]["testLoss"], point["cooldownSteps"], step)
+            started += time.perf_counter() - tick  # the branch's time is not the run's: leave it out of wallSeconds
         for group in optimizer.param_groups:
             group["lr"] = training.optimizer.lr * lr_multiplier(step, trial.steps, training.schedule)
 
@@ -186,15 +243,17 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
         train_loss_sum += step_loss
         train_loss_count += 1
         last_train_loss = step_loss
-        telemetry.record_step(samples=per_rank_batch * accumulation, loss=step_loss,
+        telemetry.record_step(step=step + 1, samples=per_rank_batch * accumulation, loss=step_loss,
                               data_seconds=step_data, forward_backward_seconds=step_forward_backward,
                               optimizer_seconds=step_optimizer, batch_bytes=step_bytes)
 
         # Validation along the way: the over/underfitting check.
         done = step + 1
         if done % training.eval_every == 0 or done == trial.steps:
+            # Every rank evaluates the same samples; the batches are per-rank sized, so there are data_parallel
+            # times more of them, and the validation set is the same whatever the number of processes.
             val_loss = mean_loss(strategy.evaluation_model(), val_loader, weights, device, autocast,
-                                 max_batches=training.eval_batches)
+                                 max_batches=training.eval_batches * data_parallel)
             telemetry.record_validation(val_loss)
             # Each data-parallel rank trained on its own part of the batches; the curve shows their mean.
             train_loss = strategy.mean_over_ranks(train_loss_sum) / train_loss_count
@@ -212,7 +271,7 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
         if checkpointer is not None and checkpointer.due(done, trial.steps):
             checkpointer.save(done, strategy.checkpoint_state(optimizer), {
                 "curve": curve, "trainLossSum": strategy.mean_over_ranks(train_loss_sum),
-                "trainLossCount": train_loss_count,
+                "trainLossCount": train_loss_count, "ladder": ladder,
                 "dataWaitSeconds": data_wait, "computeSeconds": compute,
                 "wallSeconds": previous_wall + time.perf_counter() - started,
                 "scaler": strategy.scaler.state_dict(),
@@ -327,6 +386,9 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
             "finalValidationLoss": final_val,
             "generalizationGap": final_val - final_train,
             "curve": curve,
+            "ladder": ladder,
+            "flopsCooldownBranches": cost.flops_per_sample * training.batch_size
+            * sum(point["cooldownSteps"] for point in ladder),
         },
         "inference": inference,
         "evaluation": evaluation,

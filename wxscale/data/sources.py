@@ -26,7 +26,7 @@ from wxscale.data import synthetic
 from wxscale.data.coords import select_variables, standardise_coordinates
 from wxscale.data.store import ReadPolicy, ReliableStore, open_zarr_store
 from wxscale.errors import DataError
-from wxscale.spec import DataSpec
+from wxscale.spec import DataSpec, LoaderSpec, StorageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_DATA_SEED = 0
 
 _ZARR_MARKERS = ("zarr.json", ".zgroup", ".zmetadata")
+GRIB_SUFFIXES = (".grib", ".grib2", ".grb", ".grb2")
 
 # Errors from a zarr store opened with consolidated=True that has no consolidated metadata.
 _NOT_CONSOLIDATED = (KeyError, ValueError, OSError)
@@ -45,16 +46,21 @@ def storage_options(data: DataSpec) -> dict[str, Any]:
 
     Keys and secrets are not copied here: botocore reads them from the environment itself.
     """
+    return storage_options_for(data.storage)
+
+
+def storage_options_for(storage: StorageSpec) -> dict[str, Any]:
+    """Return the s3fs options of object-storage settings, as `storage_options` does for a DataSpec."""
     options: dict[str, Any] = {}
-    endpoint = data.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
-    if data.storage.anonymous:
+    if storage.anonymous:
         options["anon"] = True
     return options
 
 
-def _split_location(source: str) -> tuple[str, str]:
+def split_location(source: str, field: str = "spec.data.source") -> tuple[str, str]:
     """Return (protocol, path): ('file', '/abs/path') or ('s3', 'bucket/key')."""
     if source.startswith("s3://"):
         return "s3", source.removeprefix("s3://")
@@ -63,7 +69,7 @@ def _split_location(source: str) -> tuple[str, str]:
     if "://" in source:
         scheme = source.split("://", 1)[0]
         raise DataError(
-            f"spec.data.source: unsupported URL scheme {scheme!r} in {source!r}; "
+            f"{field}: unsupported URL scheme {scheme!r} in {source!r}; "
             "use a local path, a file:// URL, an s3:// URL or 'synthetic'"
         )
     return "file", str(Path(source).expanduser())
@@ -129,16 +135,27 @@ def open_raw_source(data: DataSpec) -> RawSource:
     """
     if data.is_synthetic:
         return RawSource(synthetic.generate(data.synthetic, SYNTHETIC_DATA_SEED), "synthetic")
+    return open_location(data.source, data.storage, data.loader)
 
-    protocol, path = _split_location(data.source)
-    options = storage_options(data) if protocol == "s3" else {}
+
+def open_location(
+    source: str, storage: StorageSpec, loader: LoaderSpec, field: str = "spec.data.source"
+) -> RawSource:
+    """Open a netCDF file, GRIB file or zarr store (local path, file:// or s3:// URL) lazily as it is stored.
+
+    `loader` gives the retries, timeouts and chunk cache of zarr reads. `field`
+    names the setting in error messages. Raises DataError when the location is
+    missing, inaccessible or in no readable format.
+    """
+    protocol, path = split_location(source, field)
+    options = storage_options_for(storage) if protocol == "s3" else {}
     fs = fsspec.filesystem(protocol, **options)
 
     try:
         exists = fs.exists(path)
     except PermissionError as error:
         raise DataError(
-            f"spec.data.source: access denied to {data.source} ({error}); set AWS_ACCESS_KEY_ID and "
+            f"{field}: access denied to {source} ({error}); set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, or spec.data.storage.anonymous: true for a public bucket"
         ) from error
     if not exists:
@@ -147,24 +164,41 @@ def open_raw_source(data: DataSpec) -> RawSource:
             if protocol == "s3"
             else "give an existing netCDF file or zarr store, an s3:// URL, or 'synthetic'"
         )
-        raise DataError(f"spec.data.source: {data.source} not found; {hint}")
+        raise DataError(f"{field}: {source} not found; {hint}")
 
     try:
         if _is_zarr(fs, path):
-            loader = data.loader
-            store = open_zarr_store(
-                protocol, path, options, ReadPolicy.from_loader(loader), loader.cache_dir, loader.cache_limit_mb
-            )
+            policy = ReadPolicy.from_loader(loader)
+            store = open_zarr_store(protocol, path, options, policy, loader.cache_dir, loader.cache_limit_mb)
             return RawSource(_open_zarr(store), "zarr", store)
+        if path.lower().endswith(GRIB_SUFFIXES):
+            return RawSource(_open_grib(fs, protocol, path, field), "grib")
         return RawSource(_open_netcdf(fs, protocol, path), "netcdf")
     except PermissionError as error:
-        raise DataError(
-            f"spec.data.source: access denied to {data.source} ({error}); check the S3 credentials"
-        ) from error
+        raise DataError(f"{field}: access denied to {source} ({error}); check the S3 credentials") from error
     except (OSError, ValueError) as error:
         raise DataError(
-            f"spec.data.source: cannot open {data.source} as netCDF or zarr ({type(error).__name__}: {error})"
+            f"{field}: cannot open {source} as netCDF or zarr ({type(error).__name__}: {error})"
         ) from error
+
+
+def _open_grib(fs: fsspec.AbstractFileSystem, protocol: str, path: str, field: str) -> xr.Dataset:
+    """Open a GRIB file with the cfgrib engine, from a local copy when it is remote."""
+    try:
+        import cfgrib  # noqa: F401  (the engine xarray uses for GRIB)
+    except ImportError as error:
+        raise DataError(
+            f"{field}: {path} is a GRIB file, and reading GRIB needs the cfgrib package and the ecCodes library; "
+            "install them (pip install cfgrib eccodes), or convert the file to netCDF first"
+        ) from error
+    if protocol != "file":
+        # NOTE: ecCodes reads only local files, so a remote GRIB file is copied to a temporary file first.
+        import tempfile
+
+        local = Path(tempfile.mkdtemp(prefix="wxscale-grib-")) / Path(path).name
+        fs.get(path, str(local))
+        path = str(local)
+    return xr.open_dataset(path, engine="cfgrib")
 
 
 def describe_source(data: DataSpec) -> str:

@@ -137,12 +137,13 @@ class Climatology:
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         self.add(values, times)
 
-        logger.info(
-            "climatology from %d training steps: %d (day, hour) bins, window +-%g days",
-            len(times),
-            len(self.bin_days),
-            window_days,
-        )
+        if len(times):
+            logger.info(
+                "climatology from %d training steps: %d (day, hour) bins, window +-%g days",
+                len(times),
+                len(self.bin_days),
+                window_days,
+            )
 
     @classmethod
     def empty(cls, shape: tuple[int, ...], by_hour: bool, window_days: float = 15.0) -> Climatology:

@@ -21,12 +21,17 @@ from typing import Any, ContextManager
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from wxscale_trainer.distributed.comm import CommunicationMeter
 from wxscale_trainer.runtime import Runtime
 
 logger = logging.getLogger(__name__)
+
+# Optimizer state keyed by parameter name ("state.blocks.0.attn.qkv.weight.exp_avg"). torch.distributed.checkpoint
+# keeps one copy of a non-tensor value that several ranks save under the same key, so the nested form, whose
+# "param_groups" differ between pipeline stages, would give every stage the first stage's groups.
+_STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 # (prediction, target, mask) -> scalar loss tensor
 LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,12 +115,13 @@ class Strategy:
 
     def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Return the model and optimizer state of this rank, keyed by the parameters' names in the whole model."""
-        model_state, optimizer_state = get_state_dict(self.module, optimizer)
+        model_state, optimizer_state = get_state_dict(self.module, optimizer, options=_STATE_DICT_OPTIONS)
         return {"model": model_state, "optimizer": optimizer_state}
 
     def load_checkpoint_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load what `checkpoint_state` returned, after torch.distributed.checkpoint filled it in."""
-        set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=_STATE_DICT_OPTIONS)
 
     def close(self) -> None:
         """Release what the strategy holds beyond the model, before the process group is destroyed."""

@@ -1,0 +1,865 @@
+"""Stream the training split from storage in chunk-aligned blocks, for data larger than memory.
+
+`load_trial_data` picks the data path of a trial from `spec.data.loader`:
+`build_datasets` (every used time step in memory) or `build_streaming`.
+
+The streaming path, per epoch and rank:
+
+1. the training windows are grouped into blocks of whole time chunks of the
+   store (`wxscale.data.blocks`); the blocks are permuted by (seed, epoch) and
+   each rank takes its share, so ranks own disjoint chunks;
+2. `Prefetcher` threads read the rank's blocks in that order, at most
+   `loader.prefetch` blocks ahead of training (the bounded queue);
+3. the windows of `loader.shuffleBlocks` consecutive blocks are permuted
+   together, cut into batches and normalised.
+
+Memory: at most `prefetch` blocks are being read or wait in the queue, and
+`shuffleBlocks` blocks are being cut into batches. Blocks are sized so that
+prefetch + shuffleBlocks + 1 of them fit in `loader.memoryMB`.
+
+Normalisation statistics and the climatology come from the training period
+only. They are estimated from at most `loader.statsSteps` of its time steps,
+read in blocks spread evenly over the period; with fewer steps in the period
+the statistics are exact. Validation and test splits are loaded into memory,
+because the test evaluation needs all of its fields at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time as clock
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from wxscale.data.blocks import Block, block_steps_for, epoch_order, halo_overhead, plan_blocks, rank_blocks, shuffle_group
+from wxscale.data.coords import time_dimension
+from wxscale.data.dataset import BundleMethods, WindowDataset, _apply_nan_policy, _describe, build_datasets
+from wxscale.data.grid import coarsen, coarsen_values, crop_region
+from wxscale.data.sources import RawSource, open_source_and_raw
+from wxscale.data.stats import Climatology, NormalisationStats, RunningMoments
+from wxscale.data.store import DECODE_ERRORS, ChunkReadError, CorruptChunkError, ReadPolicy, find_corrupt_chunk, is_transient
+from wxscale.data.windows import WindowLayout, build_splits, to_timestamp
+from wxscale.errors import DataError
+from wxscale.spec import DataSpec, LoaderSpec
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class StreamSource:
+    """A source opened lazily, standardised and cropped, that reads time ranges as (T, V, H, W) float32 arrays.
+
+    Arrays are coarsened by `spec.data.coarsen`, and infinities become NaN, as in
+    `build_datasets`. A zarr store reads through a `ReliableStore`, which retries
+    each request. netCDF reads are retried here as a whole.
+    """
+
+    def __init__(self, dataset: xr.Dataset, raw: RawSource, label: str, factor: int = 1,
+                 policy: ReadPolicy | None = None):
+        """Wrap `dataset`, standardised (and cropped) from `raw`, coarsened by `factor` on read."""
+        self.dataset = dataset
+        self.raw = raw
+        self.label = label
+        self.variables = [str(name) for name in self.dataset.data_vars]
+        self.times = pd.DatetimeIndex(self.dataset["time"].values)
+        self.factor = factor
+        self.policy = policy or ReadPolicy()
+        self.units = {name: str(self.dataset[name].attrs.get("units", "")) for name in self.variables}
+
+        # Coarsened coordinates: the same operation on a dataset of coordinates only.
+        grid = xr.Dataset(coords={"lat": self.dataset["lat"], "lon": self.dataset["lon"]})
+        grid = coarsen(grid, self.factor)
+        self.latitudes = np.asarray(grid["lat"].values, dtype=np.float64)
+        self.longitudes = np.asarray(grid["lon"].values, dtype=np.float64)
+
+        self._lock = threading.Lock()
+        self.decoded_bytes = 0  # float32 bytes read before coarsening
+
+    @classmethod
+    def from_spec(cls, data: DataSpec, opened: tuple[xr.Dataset, RawSource] | None = None) -> StreamSource:
+        """Open `data.source` (or take the `open_source_and_raw` result `opened`) and crop it to `data.region`."""
+        dataset, raw = opened or open_source_and_raw(data)
+        return cls(crop_region(dataset, data.region), raw, data.source, data.coarsen, ReadPolicy.from_loader(data.loader))
+
+    @property
+    def step_bytes(self) -> int:
+        """float32 bytes of one time step of all variables, after cropping and before coarsening."""
+        return len(self.variables) * self.dataset.sizes["lat"] * self.dataset.sizes["lon"] * 4
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(V, H, W) of the arrays `read` returns."""
+        return len(self.variables), len(self.latitudes), len(self.longitudes)
+
+    def time_chunk_steps(self) -> int:
+        """Return the time steps per stored chunk (per shard for sharded zarr), 1 for unchunked files.
+
+        Variables with different time chunks align to their least common multiple
+        when it is at most 4x the largest chunk, and to the largest chunk otherwise.
+        """
+        time_dim = time_dimension(self.raw.dataset)
+        sizes = []
+        for name in self.variables:
+            variable = self.raw.dataset[name]
+            encoding = variable.encoding
+            shape = encoding.get("shards") or encoding.get("chunks") or encoding.get("chunksizes")
+            if not shape or time_dim not in variable.dims:
+                continue
+            sizes.append(int(shape[variable.dims.index(time_dim)]))
+        if not sizes:
+            return 1
+        common = math.lcm(*sizes)
+        return common if common <= 4 * max(sizes) else max(sizes)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Return time steps [start, stop) as a (T, V, H, W) float32 array in physical units.
+
+        Raises ChunkReadError (with the chunk's key) for a zarr chunk that is
+        missing, does not decode or cannot be fetched, and DataError for a
+        netCDF range that cannot be read after the retries.
+        """
+        policy = self.policy
+        for attempt in range(policy.retries + 1):
+            try:
+                return self._read_once(start, stop)
+            except ChunkReadError:
+                raise  # the store has retried this request already
+            except DECODE_ERRORS as error:
+                self._raise_decode_error(start, stop, error)
+            except OSError as error:
+                if not is_transient(error) or attempt == policy.retries:
+                    raise DataError(
+                        f"reading time steps {self._span(start, stop)} of {self.label} failed after {attempt + 1} "
+                        f"attempt(s): {type(error).__name__}: {error}"
+                    ) from error
+                delay = policy.delay(attempt)
+                logger.warning(
+                    "reading time steps %s of %s failed (%s: %s); retry %d of %d in %.2f s",
+                    self._span(start, stop),
+                    self.label,
+                    type(error).__name__,
+                    error,
+                    attempt + 1,
+                    policy.retries,
+                    delay,
+                )
+                clock.sleep(delay)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _read_once(self, start: int, stop: int) -> np.ndarray:
+        subset = self.dataset.isel(time=slice(start, stop))
+        output = np.empty((stop - start, *self.shape), dtype=np.float32)
+        for v, name in enumerate(self.variables):
+            values = np.asarray(subset[name].values, dtype=np.float32)
+            output[:, v] = coarsen_values(values, self.factor)
+        output[np.isinf(output)] = np.nan  # infinities count as missing, like NaN
+        with self._lock:
+            self.decoded_bytes += (stop - start) * self.step_bytes
+        return output
+
+    def _raise_decode_error(self, start: int, stop: int, error: Exception) -> None:
+        store = self.raw.store
+        if store is not None:
+            time_dim = time_dimension(self.raw.dataset)
+            for name in self.variables:
+                axis = self.raw.dataset[name].dims.index(time_dim)
+                key = find_corrupt_chunk(store, name, axis, start, stop)
+                if key is not None:
+                    raise CorruptChunkError(
+                        f"chunk {key!r} of {self.label} is corrupt: it does not decode ({type(error).__name__}: "
+                        f"{error}); rewrite the store or restore the chunk",
+                        key,
+                    ) from error
+        raise DataError(
+            f"reading time steps {self._span(start, stop)} of {self.label} failed: {type(error).__name__}: {error}"
+        ) from error
+
+    def _span(self, start: int, stop: int) -> str:
+        last = min(stop, len(self.times)) - 1
+        return f"{start}..{last} ({self.times[start]:%Y-%m-%d %H:%M}..{self.times[last]:%Y-%m-%d %H:%M})"
+
+
+class Prefetcher:
+    """Run `read` on `items` in daemon threads, at most `depth` items ahead of the consumer.
+
+    Iterating yields (item, result) in the order of `items`, whatever order the
+    threads finish in, so the output does not depend on thread timing. A read
+    that raises re-raises in the consumer. A wait longer than `timeout_seconds`
+    raises DataError. `close` stops the threads at their next item. A thread
+    stuck in a read is a daemon and does not keep the process alive.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[Any], Any],
+        items: Sequence[Any],
+        workers: int,
+        depth: int,
+        timeout_seconds: float,
+        describe: Callable[[Any], str] = str,
+    ):
+        self._read = read
+        self._items = list(items)
+        self._timeout = timeout_seconds
+        self._describe = describe
+        self._results: dict[int, tuple[bool, Any]] = {}
+        self._next = 0
+        self._stopped = False
+        self._condition = threading.Condition()
+        self._slots = threading.Semaphore(max(1, depth))
+        count = max(0, min(workers, len(self._items)))
+        self._threads = [threading.Thread(target=self._work, name=f"wxscale-prefetch-{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            self._slots.acquire()
+            with self._condition:
+                if self._stopped or self._next >= len(self._items):
+                    self._slots.release()
+                    return
+                position = self._next
+                self._next += 1
+            try:
+                result: tuple[bool, Any] = (True, self._read(self._items[position]))
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                result = (False, error)
+            with self._condition:
+                if self._stopped:
+                    return  # closed while reading: nobody will consume the result
+                self._results[position] = result
+                self._condition.notify_all()
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for position, item in enumerate(self._items):
+            deadline = clock.monotonic() + self._timeout
+            with self._condition:
+                while position not in self._results:
+                    remaining = deadline - clock.monotonic()
+                    if remaining <= 0:
+                        raise DataError(
+                            f"timed out after {self._timeout:g} s waiting for {self._describe(item)}; the storage "
+                            "does not answer. Check it, or raise spec.data.loader.timeoutSeconds"
+                        )
+                    self._condition.wait(remaining)
+                ok, value = self._results.pop(position)
+            self._slots.release()
+            if not ok:
+                raise value
+            yield item, value
+
+    def close(self) -> None:
+        """Stop the threads once their current read ends; results not yet consumed are dropped."""
+        with self._condition:
+            self._stopped = True
+            self._results.clear()
+        for _ in self._threads:
+            self._slots.release()
+
+
+def plan_block_steps(source: StreamSource, layout: WindowLayout, loader: LoaderSpec) -> tuple[int, int]:
+    """Return (block_steps, chunk_steps): steps per block read and per stored time chunk.
+
+    A block is about `loader.blockMB` of whole chunks, and at most the share of
+    `loader.memoryMB` left for one of the prefetch + shuffleBlocks + 1 blocks in
+    memory, the halo steps included.
+    """
+    chunk_steps = source.time_chunk_steps()
+    step_bytes = source.step_bytes
+    slots = loader.prefetch + loader.shuffle_blocks + 1
+    halo_bytes = (layout.span_back + layout.lead_steps) * step_bytes
+    max_bytes = max(step_bytes, loader.memory_mb * 1e6 / slots - halo_bytes)
+    block_steps = block_steps_for(chunk_steps, step_bytes, loader.block_mb * 1e6, max_bytes)
+
+    if chunk_steps * step_bytes > max_bytes:
+        logger.warning(
+            "%s: one time chunk (%d steps, %.1f MB as float32) is larger than the %.1f MB a block may use under "
+            "spec.data.loader.memoryMB; blocks of %d steps are read instead, so each chunk is fetched several times. "
+            "Rechunk the store with `wxscale data convert`",
+            source.label,
+            chunk_steps,
+            chunk_steps * step_bytes / 1e6,
+            max_bytes / 1e6,
+            block_steps,
+        )
+    return block_steps, chunk_steps
+
+
+class StreamingWindows:
+    """The windows of one split, read from storage block by block: sharded by rank, shuffled by seed and epoch.
+
+    `len()` is the number of windows of all ranks together. `batches` yields one
+    rank's batches of one epoch, and `loader` wraps it for a training loop.
+    Indexing (`windows[i]`) reads that one window, for a shape probe, not for training.
+
+    Sharding: rank r of R reads the blocks at positions r, r + R, ... of the
+    epoch's permutation. When the split has fewer blocks than ranks, every rank
+    reads every block and keeps every R-th window of it instead.
+    """
+
+    def __init__(
+        self,
+        source: StreamSource,
+        windows: np.ndarray,
+        layout: WindowLayout,
+        mean: np.ndarray,
+        std: np.ndarray,
+        loader: LoaderSpec,
+        block_steps: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        nan_policy: str = "mask",
+        split: str = "train",
+    ):
+        self.source = source
+        self.split = split
+        self.last_indices = np.asarray(windows, dtype=np.int64)
+        self.layout = layout
+        self.loader_spec = loader
+        self.seed = seed
+        self.shuffle = shuffle
+        self.nan_policy = nan_policy
+        self.blocks = plan_blocks(self.last_indices, layout, block_steps)
+        self.block_steps = block_steps
+        self._input_offsets = layout.input_indices(np.zeros(1, dtype=np.int64))[0]
+        self._mean = np.asarray(mean, dtype=np.float32)[:, None, None]
+        self._std = np.asarray(std, dtype=np.float32)[:, None, None]
+        # Each block waits up to one request timeout per attempt, plus one for the backoff.
+        policy = source.policy
+        self.wait_timeout = policy.timeout_seconds * (policy.retries + 2)
+
+    def __len__(self) -> int:
+        return len(self.last_indices)
+
+    @property
+    def times(self) -> pd.DatetimeIndex:
+        return self.source.times
+
+    @property
+    def init_times(self) -> pd.DatetimeIndex:
+        """Time of the last input step of each window."""
+        return self.source.times[self.last_indices]
+
+    @property
+    def valid_times(self) -> pd.DatetimeIndex:
+        """Time of each window's target."""
+        return self.source.times[self.layout.target_indices(self.last_indices)]
+
+    # Plan -----------------------------------------------------------------------------
+
+    def window_sharding(self, world_size: int) -> bool:
+        """Return True when ranks split the windows of each block instead of the blocks (fewer blocks than ranks)."""
+        return world_size > 1 and len(self.blocks) < world_size
+
+    def rank_block_list(self, epoch: int, rank: int = 0, world_size: int = 1) -> list[Block]:
+        """Return the blocks `rank` reads in `epoch`, in reading order."""
+        order = epoch_order(len(self.blocks), self.seed, epoch, self.shuffle)
+        positions = order if self.window_sharding(world_size) else rank_blocks(order, rank, world_size)
+        return [self.blocks[int(p)] for p in positions]
+
+    def rank_windows(self, block: Block, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Return the windows of `block` that `rank` trains on."""
+        if self.window_sharding(world_size):
+            return block.windows[rank::world_size]
+        return block.windows
+
+    def windows_in_epoch(self, epoch: int, rank: int = 0, world_size: int = 1) -> int:
+        """Return the number of windows `rank` reads in `epoch`."""
+        return sum(len(self.rank_windows(block, rank, world_size)) for block in self.rank_block_list(epoch, rank, world_size))
+
+    def batches_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
+        """Return the full batches that every rank has in every epoch: the same count for all ranks and epochs.
+
+        A rank's share changes with the epoch's permutation, so the count comes
+        from the smallest possible share: the len(blocks) // world_size blocks
+        with the fewest windows, or every block's window count // world_size when
+        the ranks split windows. Windows beyond it in an epoch are left out of that
+        epoch only.
+        """
+        counts = sorted(len(block.windows) for block in self.blocks)
+        if self.window_sharding(world_size):
+            smallest_share = sum(count // world_size for count in counts)
+        else:
+            smallest_share = sum(counts[: len(counts) // world_size])
+        return smallest_share // batch_size
+
+    def _groups(self, epoch: int, rank: int, world_size: int) -> list[tuple[list[Block], list[tuple[int, int]]]]:
+        """Return the epoch's shuffle groups: their blocks and their (slot, window) entries in training order."""
+        blocks = self.rank_block_list(epoch, rank, world_size)
+        size = self.loader_spec.shuffle_blocks
+        groups = []
+        for group_index, first in enumerate(range(0, len(blocks), size)):
+            members = blocks[first : first + size]
+            entries = [(slot, int(w)) for slot, block in enumerate(members) for w in self.rank_windows(block, rank, world_size)]
+            if self.shuffle:
+                entries = shuffle_group(entries, self.seed, epoch, rank, group_index)
+            groups.append((members, entries))
+        return groups
+
+    # Reading --------------------------------------------------------------------------
+
+    def _describe(self, block: Block) -> str:
+        return f"block {block.index} (time steps {self.source._span(block.read_start, block.read_stop)}) of {self.source.label}"
+
+    def _read_block(self, block: Block) -> np.ndarray:
+        values = self.source.read(block.read_start, block.read_stop)
+        if self.nan_policy == "error":
+            touched = self.layout.touched_indices(block.windows) - block.read_start
+            for v, name in enumerate(self.source.variables):
+                missing = int(np.isnan(values[touched, v]).sum())
+                if missing:
+                    raise DataError(
+                        f"variable {name!r} has {missing} NaN cells in time steps "
+                        f"{self.source._span(block.read_start, block.read_stop)} that the samples use, and "
+                        "spec.data.nanPolicy is 'error'; set nanPolicy: mask to leave them out of the loss and the "
+                        "metrics, or fill them in the data"
+                    )
+        return values
+
+    def _assemble(self, entries: list[tuple[int, int]], group: list[tuple[Block, np.ndarray]]) -> tuple[np.ndarray, ...]:
+        """Return normalised (x, y, mask) arrays of the windows `entries`, (slot in group, last-input index) pairs."""
+        n_vars, height, width = self.source.shape
+        history = self.layout.history
+        x = np.empty((len(entries), history, n_vars, height, width), dtype=np.float32)
+        y = np.empty((len(entries), n_vars, height, width), dtype=np.float32)
+        for i, (slot, last) in enumerate(entries):
+            block, values = group[slot]
+            local = last - block.read_start
+            x[i] = values[local + self._input_offsets]
+            y[i] = values[local + self.layout.lead_steps]
+
+        # The same normalisation and masking as WindowDataset.
+        x -= self._mean
+        x /= self._std
+        np.nan_to_num(x, copy=False, nan=0.0)
+        mask = np.isfinite(y)
+        y -= self._mean
+        y /= self._std
+        y[~mask] = 0.0
+        return x.reshape(len(entries), history * n_vars, height, width), y, mask.astype(np.float32)
+
+    def __getitem__(self, index: int) -> Batch:
+        last = int(self.last_indices[index])
+        block = Block(index=-1, start=last, stop=last + 1, read_start=last - self.layout.span_back,
+                      read_stop=last + self.layout.lead_steps + 1, windows=np.array([last]))
+        x, y, mask = self._assemble([(0, last)], [(block, self.source.read(block.read_start, block.read_stop))])
+        return torch.from_numpy(x[0]), torch.from_numpy(y[0]), torch.from_numpy(mask[0])
+
+    def batches(
+        self,
+        batch_size: int,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_samples: int = 0,
+        max_batches: int | None = None,
+        drop_last: bool = True,
+    ) -> Iterator[Batch]:
+        """Yield the batches of `rank` in `epoch` as (x, y, mask) tensors.
+
+        The first `skip_samples` samples of the epoch are left out, and blocks that
+        hold only skipped samples are not read, so a resumed trial continues where
+        it stopped. At most `max_batches` batches are yielded, counting the skipped
+        ones. A batch can hold windows of two shuffle groups. With `drop_last` the
+        final incomplete batch is dropped. Raises DataError when the epoch holds no
+        complete batch, so that a training loop cannot wait forever.
+        """
+        groups = self._groups(epoch, rank, world_size)
+        produced = skip_samples // batch_size
+        limit = max_batches if max_batches is not None else None
+
+        # Skip whole groups without reading them, then the first entries of the next group.
+        skip = skip_samples
+        while groups and skip >= len(groups[0][1]):
+            skip -= len(groups[0][1])
+            groups.pop(0)
+        if groups and skip:
+            groups[0] = (groups[0][0], groups[0][1][skip:])
+
+        spec = self.loader_spec
+        blocks = [block for members, _ in groups for block in members]
+        prefetcher = Prefetcher(self._read_block, blocks, spec.workers, spec.prefetch, self.wait_timeout, self._describe)
+        partial: tuple[np.ndarray, ...] | None = None
+        try:
+            stream = iter(prefetcher)
+            for members, entries in groups:
+                if limit is not None and produced >= limit:
+                    break
+                group = list(itertools.islice(stream, len(members)))
+
+                position = 0
+                while position < len(entries) and (limit is None or produced < limit):
+                    need = batch_size - (0 if partial is None else len(partial[0]))
+                    part = self._assemble(entries[position : position + need], group)
+                    position += need
+                    partial = part if partial is None else tuple(np.concatenate(pair) for pair in zip(partial, part))
+                    if len(partial[0]) == batch_size:
+                        yield _to_tensors(partial)
+                        produced += 1
+                        partial = None
+                del group
+            if partial is not None and not drop_last and (limit is None or produced < limit):
+                yield _to_tensors(partial)
+                produced += 1
+        finally:
+            prefetcher.close()
+
+        if produced == 0:
+            raise DataError(
+                f"rank {rank} of {world_size} got {self.windows_in_epoch(epoch, rank, world_size)} {self.split} "
+                f"samples in epoch {epoch}, fewer than one batch of {batch_size}; lower spec.training.batchSize or "
+                "use fewer processes"
+            )
+
+    def loader(self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> StreamLoader:
+        """Return an iterable of `rank`'s batches, one epoch per iteration, with the sampler methods a training loop uses."""
+        if self.window_sharding(world_size):
+            logger.warning(
+                "%s split: %d block(s) for %d ranks; every rank reads every block and keeps every %d-th window, "
+                "so ranks read the same chunks. Use smaller time chunks or a smaller spec.data.loader.blockMB",
+                self.split,
+                len(self.blocks),
+                world_size,
+                world_size,
+            )
+        return StreamLoader(self, batch_size, rank, world_size, drop_last)
+
+
+def _to_tensors(arrays: tuple[np.ndarray, ...]) -> Batch:
+    x, y, mask = arrays
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
+
+
+class StreamLoader:
+    """One rank's batches of a StreamingWindows split; each iteration is the epoch last given to `set_epoch`.
+
+    With `drop_last` every epoch has `len(loader)` batches on every rank, so
+    data-parallel ranks step together. `set_epoch` and `skip_next` have the
+    meaning they have on the trainer's resumable sampler.
+    """
+
+    def __init__(self, windows: StreamingWindows, batch_size: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True):
+        self.windows = windows
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_next(self, samples: int) -> None:
+        """Leave out the first `samples` samples of the next iteration only."""
+        self._skip = samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        skip, self._skip = self._skip, 0
+        limit = len(self) if self.drop_last else None
+        return self.windows.batches(self.batch_size, self.epoch, self.rank, self.world_size, skip_samples=skip,
+                                    max_batches=limit, drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.windows.batches_per_epoch(self.batch_size, self.world_size)
+        count = self.windows.windows_in_epoch(self.epoch, self.rank, self.world_size)
+        return math.ceil(count / self.batch_size)
+
+
+# Statistics -----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingStatistics:
+    """Normalisation statistics and climatology of the training period, and how many steps they come from."""
+
+    stats: NormalisationStats
+    climatology: Climatology
+    steps_read: int
+    steps_total: int
+    nan_cells: dict[str, int]
+
+    @property
+    def exact(self) -> bool:
+        return self.steps_read >= self.steps_total
+
+
+def statistics_ranges(touched: np.ndarray, period: np.ndarray, piece_steps: int, n_times: int,
+                      max_steps: int) -> list[tuple[int, int]]:
+    """Return the aligned ranges [start, stop) of `piece_steps` steps that the statistics read, in time order.
+
+    The candidates are the ranges that hold a touched or a period step. When
+    they hold more than `max_steps` steps, about max_steps / piece_steps of them
+    are taken, spread evenly, so the sample covers the seasonal cycle.
+    """
+    steps = np.union1d(touched, period)
+    keys = np.unique(steps // piece_steps)
+    ranges = [(int(k) * piece_steps, min(int(k + 1) * piece_steps, n_times)) for k in keys]
+    total = sum(stop - start for start, stop in ranges)
+    if total <= max_steps:
+        return ranges
+    count = max(1, math.ceil(max_steps / piece_steps))
+    positions = np.unique(np.round(np.linspace(0, len(ranges) - 1, count)).astype(int))
+    return [ranges[int(p)] for p in positions]
+
+
+def estimate_training_statistics(
+    source: StreamSource,
+    touched: np.ndarray,
+    period: np.ndarray,
+    piece_steps: int,
+    loader: LoaderSpec,
+    by_hour: bool,
+) -> TrainingStatistics:
+    """Estimate mean, std and climatology from aligned pieces of the training period.
+
+    `touched` are the time steps the training windows read (the statistics use
+    them) and `period` every step of the training period (the climatology uses
+    them), both as sorted indices. Pieces are one time chunk (or one block, when
+    a chunk is larger than a block) and do not overlap, so a step counts at most
+    once, and reading every piece gives the exact statistics.
+    """
+    ranges = statistics_ranges(touched, period, piece_steps, len(source.times), loader.stats_steps)
+    moments = RunningMoments(len(source.variables))
+    climatology = Climatology.empty(source.shape, by_hour=by_hour)
+    nan_cells = dict.fromkeys(source.variables, 0)
+
+    prefetcher = Prefetcher(
+        lambda span: source.read(*span),
+        ranges,
+        loader.workers,
+        loader.prefetch,
+        source.policy.timeout_seconds * (source.policy.retries + 2),
+        lambda span: f"time steps {source._span(*span)} of {source.label}",
+    )
+    try:
+        for (start, stop), values in prefetcher:
+            steps = np.arange(start, stop)
+
+            used = steps[np.isin(steps, touched)]
+            moments.update(values[used - start])
+            for v, name in enumerate(source.variables):
+                nan_cells[name] += int(np.isnan(values[used - start, v]).sum())
+
+            in_period = steps[np.isin(steps, period)]
+            climatology.add(values[in_period - start], source.times[in_period])
+    finally:
+        prefetcher.close()
+
+    return TrainingStatistics(
+        stats=moments.result(source.variables),
+        climatology=climatology,
+        steps_read=moments.steps,
+        steps_total=len(touched),
+        nan_cells=nan_cells,
+    )
+
+
+# Bundle -------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamingBundle(BundleMethods):
+    """The data of one trial whose training split streams from storage; validation and test are in memory.
+
+    Same fields and methods as `DataBundle` except `values` and `times`, which
+    only the in-memory splits have (`validation.values`, `test.values`).
+    """
+
+    train: StreamingWindows
+    validation: WindowDataset
+    test: WindowDataset
+    variables: list[str]
+    units: dict[str, str]
+    latitudes: np.ndarray
+    longitudes: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    step_hours: float
+    lead_steps: int
+    lead_time_hours: float
+    history: int
+    history_interval: int
+    source_description: str
+    climatology: Climatology
+    statistics_steps: int  # training steps the statistics come from
+    nan_cells: dict[str, int] = field(default_factory=dict)
+    source: StreamSource | None = field(default=None, repr=False)
+
+    streaming = True
+
+    @property
+    def loaded_bytes(self) -> int:
+        """float32 bytes read so far: validation and test arrays, the statistics sample and training blocks."""
+        return int(self.source.decoded_bytes) if self.source is not None else 0
+
+
+def _load_split(source: StreamSource, name: str, windows: np.ndarray, layout: WindowLayout,
+                stats: NormalisationStats, data: DataSpec) -> tuple[WindowDataset, dict[str, int]]:
+    """Load the steps a validation or test split reads into memory; return its dataset and NaN counts."""
+    touched = layout.touched_indices(windows)
+    first, last = int(touched[0]), int(touched[-1])
+    values = source.read(first, last + 1)
+    nan_cells = _apply_nan_policy(values, touched - first, source.variables, data)
+    dataset = WindowDataset(name, values, source.times[first : last + 1], windows - first, layout, stats.mean, stats.std)
+    return dataset, nan_cells
+
+
+def build_streaming(data: DataSpec, seed: int, opened: tuple[xr.Dataset, RawSource] | None = None) -> StreamingBundle:
+    """Build the data of one trial with the training split streamed from `data.source`.
+
+    `seed` selects the datasetFraction subset and seeds the shuffle. Each rank
+    takes its share with `bundle.train.loader(batch_size, rank, world_size)`.
+    `opened` is an `open_source_and_raw(data)` result to reuse. Raises DataError
+    like `build_datasets`.
+    """
+    began = clock.perf_counter()
+    source = StreamSource.from_spec(data, opened)
+    splits = build_splits(data, source.times, seed, source.label)
+    layout = splits.layout
+
+    block_steps, chunk_steps = plan_block_steps(source, layout, data.loader)
+    train_blocks = plan_blocks(splits.train, layout, block_steps)
+    logger.info(
+        "streaming %s: time chunks of %d steps, blocks of %d steps (%.1f MB float32), %d training blocks, "
+        "at most %.2fx the owned chunks read with the halo",
+        source.label,
+        chunk_steps,
+        block_steps,
+        block_steps * source.step_bytes / 1e6,
+        len(train_blocks),
+        halo_overhead(block_steps, chunk_steps, layout),
+    )
+
+    # Statistics and climatology from the training period only.
+    train_start = to_timestamp(data.train.start)
+    period = np.flatnonzero((source.times >= train_start) & (source.times <= splits.train_end))
+    touched = layout.touched_indices(splits.train)
+    statistics = estimate_training_statistics(
+        source, touched, period, min(chunk_steps, block_steps), data.loader, by_hour=splits.step.hours < 24.0
+    )
+    if statistics.exact:
+        logger.info("normalisation statistics from all %d training steps", statistics.steps_read)
+    else:
+        logger.info(
+            "normalisation statistics and climatology estimated from %d of %d training steps "
+            "(spec.data.loader.statsSteps %d)",
+            statistics.steps_read,
+            statistics.steps_total,
+            data.loader.stats_steps,
+        )
+    if data.nan_policy == "error" and any(statistics.nan_cells.values()):
+        name = next(name for name, count in statistics.nan_cells.items() if count)
+        raise DataError(
+            f"variable {name!r} has {statistics.nan_cells[name]} NaN cells in the training steps read for the "
+            "statistics, and spec.data.nanPolicy is 'error'; set nanPolicy: mask to leave them out of the loss and "
+            "the metrics, or fill them in the data"
+        )
+
+    evaluation = {}
+    nan_cells = dict(statistics.nan_cells)
+    for name in ("validation", "test"):
+        evaluation[name], counts = _load_split(source, name, splits[name], layout, statistics.stats, data)
+        for variable, count in counts.items():
+            nan_cells[variable] += count
+
+    train = StreamingWindows(
+        source,
+        splits.train,
+        layout,
+        statistics.stats.mean,
+        statistics.stats.std,
+        data.loader,
+        block_steps,
+        seed=seed,
+        nan_policy=data.nan_policy,
+    )
+    bundle = StreamingBundle(
+        train=train,
+        validation=evaluation["validation"],
+        test=evaluation["test"],
+        variables=source.variables,
+        units=source.units,
+        latitudes=source.latitudes,
+        longitudes=source.longitudes,
+        mean=statistics.stats.mean,
+        std=statistics.stats.std,
+        step_hours=splits.step.hours,
+        lead_steps=layout.lead_steps,
+        lead_time_hours=layout.lead_steps * splits.step.hours,
+        history=layout.history,
+        history_interval=layout.history_interval,
+        source_description=_describe(data, source.variables, (len(source.latitudes), len(source.longitudes))),
+        climatology=statistics.climatology,
+        statistics_steps=statistics.steps_read,
+        nan_cells=nan_cells,
+        source=source,
+    )
+    logger.info(
+        "data ready in %.2f s: train %d samples streamed, validation %d, test %d in memory; %s",
+        clock.perf_counter() - began,
+        len(bundle.train),
+        len(bundle.validation),
+        len(bundle.test),
+        bundle.source_description,
+    )
+    return bundle
+
+
+def training_period_bytes(dataset: xr.Dataset, data: DataSpec) -> int:
+    """Return the float32 size of the training period of a standardised, cropped dataset."""
+    times = pd.DatetimeIndex(dataset["time"].values)
+    inside = (times >= to_timestamp(data.train.start)) & (times <= to_timestamp(data.train.end))
+    step_bytes = len(dataset.data_vars) * dataset.sizes["lat"] * dataset.sizes["lon"] * 4
+    return int(inside.sum()) * step_bytes
+
+
+def load_trial_data(data: DataSpec, seed: int):
+    """Return the data of one trial: a `DataBundle` in memory or a `StreamingBundle`, as `data.loader.mode` says.
+
+    'auto' streams when the training period is larger than `loader.streamAboveMB`
+    as float32. The synthetic source is generated in memory in every mode.
+    """
+    loader = data.loader
+    if data.is_synthetic:
+        if loader.mode == "stream":
+            logger.warning("spec.data.loader.mode is 'stream', but the synthetic source is generated in memory")
+        return build_datasets(data, seed)
+    if loader.mode == "memory":
+        return build_datasets(data, seed)
+
+    opened = open_source_and_raw(data)
+    if loader.mode == "auto":
+        size = training_period_bytes(crop_region(opened[0], data.region), data)
+        if size <= loader.stream_above_mb * 1e6:
+            logger.info("training period is %.1f MB as float32; loading it into memory", size / 1e6)
+            return build_datasets(data, seed)
+        logger.info(
+            "training period is %.1f MB as float32, above spec.data.loader.streamAboveMB (%g); streaming it",
+            size / 1e6,
+            loader.stream_above_mb,
+        )
+    return build_streaming(data, seed, opened)
+
+
+__all__ = [
+    "Prefetcher",
+    "StreamLoader",
+    "StreamSource",
+    "StreamingBundle",
+    "StreamingWindows",
+    "build_streaming",
+    "load_trial_data",
+]
