@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import subprocess
@@ -14,7 +15,9 @@ from wxscale.designs import BUDGET_KEY, LADDER_BUDGETS_KEY, cooldown_steps, ladd
 from wxscale.errors import StudyError
 from wxscale.flops import model_cost
 from wxscale.planner import GridInfo, expand, plan
-from wxscale.spec import ModelSpec
+from wxscale.metrics import latitude_weighted_mse_loss
+from wxscale.model import WeatherViT
+from wxscale.spec import ModelSpec, ScheduleSpec, TrainingSpec, TrialConfig
 from wxscale.study import load_study, parse_study
 
 from conftest import REPO
@@ -163,12 +166,11 @@ def test_compute_ladder_needs_ddp():
 
 
 def test_budget_cap_rejects_with_excess():
+    planned = sum(trial.total_flops for trial in plan(parse_study(design_document()), fixed_grid))
     document = design_document()
     document["spec"]["computeBudget"] = {"maxFlops": 4e12}
-    study = parse_study(document)
     with pytest.raises(StudyError) as caught:
-        plan(study, fixed_grid)
-    planned = 4 * sum(BUDGETS)
+        plan(parse_study(document), fixed_grid)
     message = str(caught.value)
     assert "spec.computeBudget.maxFlops" in message
     assert f"{planned - 4e12:.4g} FLOPs" in message
@@ -177,12 +179,12 @@ def test_budget_cap_rejects_with_excess():
 
 def test_budget_cap_in_gpu_hours():
     document = design_document()
-    # 5.6e12 FLOPs at 1e9 FLOP/s is 1.556 GPU-hours.
+    # About 5.6e12 FLOPs at 1e9 FLOP/s is 1.56 GPU-hours, 0.56 over the cap.
     document["spec"]["computeBudget"] = {"maxGpuHours": 1.0, "flopsPerGpuSecond": 1e9}
     with pytest.raises(StudyError) as caught:
         plan(parse_study(document), fixed_grid)
     assert "spec.computeBudget.maxGpuHours" in str(caught.value)
-    assert "0.5556 GPU-hours" in str(caught.value)
+    assert "0.5558 GPU-hours (55.6 %) over the cap of 1;" in str(caught.value)
 
 
 def test_budget_cap_allows_design_below_it():
@@ -283,23 +285,17 @@ def test_validate_counts_design_trials():
 
 def test_cooldown_branch_restores_the_run():
     """A branch trains and evaluates a cooled-down copy, then leaves model and optimizer as they were."""
-    from wxscale.metrics import latitude_weighted_mse_loss
-    from wxscale.model import WeatherViT
-    from wxscale.spec import TrainingSpec
     from wxscale_trainer.distributed import CommunicationMeter, build_strategy
     from wxscale_trainer.runtime import Runtime
     from wxscale_trainer.train import cooldown_branch
 
     torch.manual_seed(0)
-    config = parse_study(design_document()).spec
+    shape = ModelSpec(depth=1, heads=2, embed_dim=16, patch_size=4)
+    trial_config = TrialConfig(data=parse_study(minimal()).spec.data, model=shape)
     runtime = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    model = WeatherViT(ModelSpec(depth=1, heads=2, embed_dim=16, patch_size=4), grid=(8, 16), in_channels=1,
-                       out_channels=1)
+    model = WeatherViT(shape, grid=(8, 16), in_channels=1, out_channels=1)
     weights = torch.ones(8)
-    from wxscale.spec import TrialConfig
-
-    trial_config = TrialConfig(data=config.data, model=ModelSpec(depth=1, heads=2, embed_dim=16, patch_size=4))
-    strategy = build_strategy(model, trial_config, runtime, CommunicationMeter(), lambda: contextlib_null(),
+    strategy = build_strategy(model, trial_config, runtime, CommunicationMeter(), contextlib.nullcontext,
                               lambda prediction, target, mask: latitude_weighted_mse_loss(prediction, target,
                                                                                            weights, mask))
     optimizer = torch.optim.AdamW(strategy.module.parameters(), lr=1e-2)
@@ -339,15 +335,8 @@ def test_cooldown_branch_restores_the_run():
         assert float(state["step"]) == float(optimizer_before["state"][index]["step"])
 
 
-def contextlib_null():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def test_cooldown_steps_match_schedule():
     """The branch length is the cool-down that lr_multiplier gives a run of that length."""
-    from wxscale.spec import ScheduleSpec
     from wxscale_trainer.schedule import lr_multiplier
 
     schedule = ScheduleSpec(kind="constant_cooldown", cooldown_fraction=0.2, warmup_fraction=0.0)

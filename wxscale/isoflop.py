@@ -14,8 +14,9 @@ both after Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models
   and b = alpha / (alpha + beta), with k = median C / (N D) over the points.
 
 Points are the trials' final evaluations plus, for a compute ladder, the evaluations
-of its cool-down branches (`training.ladder`). Points are grouped into budgets by
-their FLOPs: one group holds points within BUDGET_TOLERANCE of its smallest.
+of its cool-down branches (`training.ladder`). Points of a `spec.design` are grouped
+by the budget they were planned for. Other points are grouped by their FLOPs: a group
+contains the points within BUDGET_TOLERANCE of its smallest.
 
 Intervals:
 - approach 3: percentiles over bootstrap refits that resample trials, so the points
@@ -35,12 +36,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from wxscale.designs import BUDGET_KEY, LADDER_BUDGETS_KEY
 from wxscale.fit import (
     FLOPS_FIELD,
     LOSS_FIELD,
@@ -58,8 +60,8 @@ from wxscale.fit import (
 
 logger = logging.getLogger(__name__)
 
-# Points whose FLOPs lie within this fraction of a group's smallest share one budget.
-# Design trials match their budget within its tolerance (1 % by default).
+# Points without a design budget share a budget when their FLOPs lie within this
+# fraction of the group's smallest.
 BUDGET_TOLERANCE = 0.05
 
 # A profile's minimum counts as off-centre when it lies further from the middle of the
@@ -81,6 +83,7 @@ class ComputePoint:
     """One evaluated (N, D, C, loss) point: a trial's final evaluation or one of its ladder branches.
 
     `variables` maps each output variable to its test MSE in physical units squared.
+    `budget` is the compute budget that `spec.design` planned the point for, else None.
     """
 
     trial: str
@@ -90,6 +93,7 @@ class ComputePoint:
     loss: float
     variables: dict[str, float] = field(default_factory=dict)
     lead_time_hours: float | None = None
+    budget: float | None = None
 
 
 def _params_field(records: Sequence[dict[str, Any]]) -> str:
@@ -108,11 +112,22 @@ def _variable_mse(evaluation: dict[str, Any] | None) -> dict[str, float]:
     return values
 
 
+def _design_budgets(record: dict[str, Any], n_points: int) -> list[float | None]:
+    """Return the planned budget of each point of a record (ladder branches, then the final point)."""
+    axis_values = record.get("axisValues") or {}
+    if isinstance(axis_values.get(BUDGET_KEY), (int, float)):
+        return [float(axis_values[BUDGET_KEY])] * n_points
+    ladder = axis_values.get(LADDER_BUDGETS_KEY)
+    if isinstance(ladder, list) and len(ladder) == n_points:
+        return [float(budget) for budget in ladder]
+    return [None] * n_points
+
+
 def compute_points(records: Iterable[dict[str, Any]]) -> tuple[list[ComputePoint], str]:
     """Return the evaluated points of the succeeded trials and the parameter field used for N.
 
-    Each trial gives its final point (`training.samples`, `training.flopsAnalytic`,
-    `evaluation.testLoss`) and one point per entry of `training.ladder`. Points that
+    Each trial gives one point per entry of `training.ladder` and its final point
+    (`training.samples`, `training.flopsAnalytic`, `evaluation.testLoss`). Points that
     lack a positive value are left out.
     """
     succeeded = [record for record in records if record.get("state") == "Succeeded"]
@@ -124,25 +139,26 @@ def compute_points(records: Iterable[dict[str, Any]]) -> tuple[list[ComputePoint
         lead_time = record_number(record, "evaluation.leadTimeHours") or record_number(record, "data.leadTimeHours")
         entries = [
             (
+                record_number(branch, "samples"),
+                record_number(branch, "flopsAnalytic"),
+                record_number(branch, "evaluation.testLoss"),
+                branch.get("evaluation"),
+            )
+            for branch in record_value(record, "training.ladder") or []
+        ]
+        entries.append(
+            (
                 record_number(record, SAMPLES_FIELD),
                 record_number(record, FLOPS_FIELD),
                 record_number(record, LOSS_FIELD),
                 record.get("evaluation"),
             )
-        ]
-        for branch in record_value(record, "training.ladder") or []:
-            entries.append(
-                (
-                    record_number(branch, "samples"),
-                    record_number(branch, "flopsAnalytic"),
-                    record_number(branch, "evaluation.testLoss"),
-                    branch.get("evaluation"),
-                )
-            )
-        for samples, flops, loss, evaluation in entries:
+        )
+        budgets = _design_budgets(record, len(entries))
+        for (samples, flops, loss, evaluation), budget in zip(entries, budgets):
             if all(value is not None and value > 0 for value in (params, samples, flops, loss)):
                 points.append(
-                    ComputePoint(trial, params, samples, flops, loss, _variable_mse(evaluation), lead_time)
+                    ComputePoint(trial, params, samples, flops, loss, _variable_mse(evaluation), lead_time, budget)
                 )
     return points, params_field
 
@@ -161,6 +177,23 @@ def group_by_budget(flops: Sequence[float], tolerance: float = BUDGET_TOLERANCE)
         else:
             groups.append([int(i)])
     return [np.array(group, dtype=int) for group in groups]
+
+
+def budget_groups(points: Sequence[ComputePoint]) -> list[np.ndarray]:
+    """Return index arrays of points that share a budget, ascending.
+
+    Points group by their design budget when every point has one, else by FLOPs (`group_by_budget`).
+    """
+    if points and all(point.budget is not None for point in points):
+        budgets = sorted({point.budget for point in points})
+        return [np.array([i for i, point in enumerate(points) if point.budget == budget]) for budget in budgets]
+    return group_by_budget([point.flops for point in points])
+
+
+def group_budget(points: Sequence[ComputePoint], rows: np.ndarray) -> float:
+    """Return the budget of a group: its design budget, or the median FLOPs of its points."""
+    budget = points[rows[0]].budget
+    return budget if budget is not None else float(np.median([points[i].flops for i in rows]))
 
 
 # Approach 2 --------------------------------------------------------------------
@@ -329,7 +362,7 @@ def _make_profile(points: Sequence[ComputePoint], rows: np.ndarray) -> Profile:
     centre = float(np.log(params).mean())
     coefficients, *_ = np.linalg.lstsq(_design_matrix(np.log(params) - centre), loss, rcond=None)
     return Profile(
-        budget=float(np.median(flops)),
+        budget=group_budget(points, rows),
         rows=rows,
         params=params,
         samples=samples,
@@ -355,7 +388,7 @@ def fit_isoflop_profiles(
     """
     if not 0.0 < confidence < 1.0:
         raise FitError(f"confidence must lie strictly between 0 and 1, got {confidence}; use e.g. 0.95")
-    groups = group_by_budget([point.flops for point in points])
+    groups = budget_groups(points)
     profiles = [
         _make_profile(points, rows) for rows in groups if len({points[i].params for i in rows}) >= 3
     ]
@@ -483,8 +516,8 @@ def chinchilla_allocation(values: np.ndarray, flops: float | np.ndarray, k: floa
 
     Minimising E + A/N^alpha + B/D^beta subject to C = k N D gives N_opt = G (C/k)^a and
     D_opt = (C/k)^b / G with a = beta/(alpha+beta), b = alpha/(alpha+beta) and
-    G = (alpha A / (beta B))^(1/(alpha+beta)) (Hoffmann et al. 2022, equation 4).
-    Rows broadcast against `flops`.
+    G = (alpha A / (beta B))^(1/(alpha+beta)), the closed form that `wxscale.fit.compute_optimal`
+    also uses. Returns arrays of shape (rows, budgets).
     """
     values = np.atleast_2d(values)
     big_e, big_a, big_b, alpha, beta = (values[:, i : i + 1] for i in range(5))
@@ -586,6 +619,8 @@ def grid_bias(approach2: Approach2, fit: ScalingFit) -> dict[str, Any]:
     Returns the relative error of N_opt per budget and the resulting error of exponent a.
     """
     values = _law_values(fit)[0]
+    if not np.all(np.isfinite(values)):
+        return {"budgets": [], "note": "the approach-3 fit has non-finite parameters, so there is no surface to probe"}
     big_e, big_a, big_b, alpha, beta = values
 
     def surface(params: np.ndarray, samples: np.ndarray) -> np.ndarray:
@@ -638,13 +673,13 @@ def held_out_check(
 
     Raises FitError when fewer than 3 budgets exist or the rest cannot be fitted.
     """
-    groups = group_by_budget([point.flops for point in points])
+    groups = budget_groups(points)
     if len(groups) < 3:
         raise FitError(f"the held-out check leaves out the largest of 3 or more budgets; the points form {len(groups)}")
     held = groups[-1]
     rest = np.concatenate(groups[:-1])
     kept = [points[i] for i in rest]
-    budget = float(np.median([points[i].flops for i in held]))
+    budget = group_budget(points, held)
 
     fit = fit_approach3(kept, n_boot=n_boot, confidence=confidence, seed=seed, grid=grid)
     values = _law_values(fit)
@@ -673,7 +708,7 @@ def held_out_check(
     errors = np.abs(predicted / observed - 1.0)
     result: dict[str, Any] = {
         "budget": budget,
-        "fittedOn": sorted({float(np.median([points[i].flops for i in group])) for group in groups[:-1]}),
+        "fittedOn": [group_budget(points, group) for group in groups[:-1]],
         "points": rows,
         "meanAbsoluteRelativeError": float(errors.mean()),
         "maxAbsoluteRelativeError": float(errors.max()),
@@ -694,8 +729,8 @@ def held_out_check(
 
 def _best_loss_trend(points: Sequence[ComputePoint]) -> dict[str, Any]:
     """Return the lowest loss at each budget and the budgets where it rose from the previous one."""
-    groups = group_by_budget([point.flops for point in points])
-    budgets = [float(np.median([points[i].flops for i in group])) for group in groups]
+    groups = budget_groups(points)
+    budgets = [group_budget(points, group) for group in groups]
     best = [float(min(points[i].loss for i in group)) for group in groups]
     worse = [budgets[i + 1] for i in range(len(best) - 1) if best[i + 1] > best[i]]
     return {"budgets": budgets, "bestLoss": best, "worseAtBudgets": worse}
@@ -721,8 +756,8 @@ def per_variable_fits(
     for lead_time in lead_times:
         for name in names:
             subset = [
-                ComputePoint(p.trial, p.params, p.samples, p.flops, p.variables[name], {}, p.lead_time_hours)
-                for p in points if p.lead_time_hours == lead_time and name in p.variables
+                replace(point, loss=point.variables[name], variables={})
+                for point in points if point.lead_time_hours == lead_time and name in point.variables
             ]
             entry: dict[str, Any] = {"variable": name, "leadTimeHours": lead_time, "nPoints": len(subset)}
             entry.update(_best_loss_trend(subset) if subset else {})
@@ -815,12 +850,17 @@ def analyse_compute_optimal(
     off_centre = [profile.budget for profile in approach2.profiles
                   if profile.position is not None and abs(profile.position) > OFF_CENTRE]
     outside = [profile.budget for profile in approach2.profiles
-               if profile.position is None or abs(profile.position) > 1.0]
+               if profile.position is not None and abs(profile.position) > 1.0]
     if outside:
         notes.append(
-            "the loss minimum lies outside the trained sizes (or the profile has no minimum) at budgets "
-            + ", ".join(f"{budget:.3g}" for budget in outside)
+            "the loss minimum lies outside the trained sizes at budgets " + _budget_list(outside)
             + "; the parabola extrapolates there, so add shapes on that side"
+        )
+    curved_down = [profile.budget for profile in approach2.profiles if not profile.has_minimum]
+    if curved_down:
+        notes.append(
+            "the parabola curves down (no minimum) at budgets " + _budget_list(curved_down) + "; approach 2 "
+            "leaves them out. The loss may fall towards one end of the sizes, or the differences are noise"
         )
     if approach2.note:
         notes.append(f"approach 2: {approach2.note}")
@@ -866,6 +906,10 @@ def analyse_compute_optimal(
         summary["perVariable"] = {"note": "one output variable at one lead time: the pooled fit is the per-variable fit"}
     summary["notes"] = notes
     return summary
+
+
+def _budget_list(budgets: Sequence[float]) -> str:
+    return ", ".join(f"{budget:.3g}" for budget in budgets)
 
 
 def _exponents(approach2: Approach2, fit: ScalingFit | None) -> dict[str, Any]:

@@ -337,7 +337,16 @@ def plan(study: ScalingStudy, grid_resolver: Callable[[DataSpec], GridInfo] | No
 
 
 def _describe(axis_values: dict[str, Any]) -> str:
-    return ", ".join(f"{name}={value}" for name, value in axis_values.items()) or "base config"
+    """Render axis values for a message: floats as 1e+12, mappings as field=value."""
+
+    def show(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{field}={item}" for field, item in value.items()) + "}"
+        return str(value)
+
+    return ", ".join(f"{name}={show(value)}" for name, value in axis_values.items()) or "base config"
 
 
 def check_compute_budget(study: ScalingStudy, trials: list[Trial]) -> None:

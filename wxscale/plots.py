@@ -688,6 +688,9 @@ def plot_cost_vs_accuracy_by_precision(records: Sequence[dict[str, Any]], out_di
                   if _flat_config(record).get(PRECISION_FIELD) == precision]
         axis.scatter(*zip(*points), label=precision, alpha=0.8)
     axis.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    axis.xaxis.set_major_formatter(plain)
+    axis.xaxis.set_minor_formatter(plain)
     axis.set_xlabel("training cost (wall seconds x processes)")
     axis.set_ylabel(LOSS_LABEL)
     axis.set_title(_title("Cost vs accuracy by precision", records))
@@ -842,7 +845,7 @@ def plot_isoflop_profiles(
         axis.plot(grid[keep], curve[keep], color=colour, linewidth=1.1)
 
         optimum, loss_opt = profile.get("paramsOpt"), profile.get("lossOpt")
-        if optimum and loss_opt and optimum.get("value") and loss_opt.get("value", 0) > 0:
+        if optimum and loss_opt and optimum.get("value") and (loss_opt.get("value") or 0) > 0:
             axis.errorbar([optimum["value"]], [loss_opt["value"]], xerr=_interval_error(optimum), marker="*",
                           markersize=13, color=colour, markeredgecolor="black", capsize=3, zorder=4, linestyle="none")
 
@@ -926,14 +929,16 @@ def plot_extrapolation_fan(
 
     figure, axes = _new_figure(width=7.2, height=4.8)
     axis = axes[0, 0]
+    minimum_label = "IsoFLOP minimum"
     for profile in profiles:
         axis.scatter(np.full(len(profile["loss"]), profile["budget"]), profile["loss"], color="tab:gray", s=14,
                      alpha=0.7, label="trials" if profile is profiles[0] else None)
         optimum = profile.get("lossOpt")
-        if optimum and optimum.get("value", 0) > 0:
+        if optimum and (optimum.get("value") or 0) > 0:
             axis.errorbar([profile["budget"]], [optimum["value"]], yerr=_interval_error(optimum), marker="*",
                           markersize=11, color="tab:blue", markeredgecolor="black", capsize=3, linestyle="none",
-                          label="IsoFLOP minimum" if profile is profiles[0] else None, zorder=4)
+                          label=minimum_label, zorder=4)
+            minimum_label = None
     axis.plot(flops, _numbers(columns["loss"]), color="tab:red", label="approach 3: loss at the optimal N, D")
     low, high = _numbers(columns["lossLow"]), _numbers(columns["lossHigh"])
     if np.isfinite(low).any():

@@ -463,7 +463,9 @@ def _profile_lines(analysis: dict[str, Any], confidence: int) -> list[str]:
     for profile in approach2["profiles"]:
         position = profile.get("position")
         where = "-" if position is None else f"{position:+.2f}"
-        if position is not None and abs(position) > 1:
+        if not profile.get("hasMinimum"):
+            where = "no minimum: the parabola curves down"
+        elif position is not None and abs(position) > 1:
             where += " (outside)"
         elif profile.get("offCentre"):
             where += " (off-centre)"
@@ -568,7 +570,8 @@ def _held_out_lines(analysis: dict[str, Any]) -> list[str]:
         f"Fitted on the budgets {fitted_on} and predicting the {len(held['points'])} trials at {held['budget']:.3g} "
         f"FLOPs, approach 3 misses their test loss by {100 * held['meanAbsoluteRelativeError']:.1f} % on average "
         f"({100 * held['maxAbsoluteRelativeError']:.1f} % at most); {held['nInsideInterval']} of "
-        f"{len(held['points'])} observed losses lie inside the prediction interval."
+        f"{len(held['points'])} observed losses lie inside the interval of the fitted law, which leaves out the "
+        "noise of single trials."
     )
     observed = next((profile.get("paramsOpt") for profile in analysis["approach2"]["profiles"]
                      if math.isclose(profile["budget"], held["budget"], rel_tol=1e-9)), None)

@@ -16,9 +16,11 @@ trajectory continues the interrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,8 +52,20 @@ def storage_bytes(location: Location) -> int:
     return int(location.fs.du(location.url, total=True))
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group, which is what a one-process trial intends."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
@@ -89,7 +103,7 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def due(self, step: int, last_step: int) -> bool:
-        """Return whether the spec asks for a checkpoint after `step` of `last_step` optimizer steps."""
+        """Return whether the spec requests a checkpoint after `step` of `last_step` optimizer steps."""
         if step == last_step and self.spec.final:
             return True
         every = self.spec.every_steps
@@ -128,7 +142,9 @@ class Checkpointer:
             self.location.fs.rm(url, recursive=True)
         _barrier()
 
-        dcp.save({**state, "rng": _rng_state(self.runtime.rank)}, storage_writer=self._writer(url))
+        with _single_process_quiet():
+            dcp.save({**state, "rng": _rng_state(self.runtime.rank)}, storage_writer=self._writer(url),
+                     no_dist=not _distributed())
         _barrier()
         if self.runtime.is_main:
             self.location.write_json(f"{folder}/{MARKER}", {"step": step, **trainer_state})
@@ -170,7 +186,9 @@ class Checkpointer:
         folder = step_folder(step)
         started = time.perf_counter()
         rng = _rng_state(self.runtime.rank)
-        dcp.load({**state, "rng": rng}, storage_reader=self._reader(self.location.path(folder)))
+        with _single_process_quiet():
+            dcp.load({**state, "rng": rng}, storage_reader=self._reader(self.location.path(folder)),
+                     no_dist=not _distributed())
         _restore_rng(rng, self.runtime.rank)
         trainer_state = self.location.read_json(f"{folder}/{MARKER}")
         self.resumed_from = step

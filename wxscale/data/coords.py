@@ -198,6 +198,23 @@ def normalise_longitudes(longitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return order, values
 
 
+def as_slice(indices: np.ndarray) -> slice | np.ndarray:
+    """Return `indices` as a slice when they are evenly spaced (e.g. 0..n-1 or reversed), else unchanged.
+
+    A lazily opened store reads a slice with one request per chunk, and an index
+    array through the much slower orthogonal indexing path.
+    """
+    indices = np.asarray(indices)
+    if len(indices) < 2:
+        return slice(int(indices[0]), int(indices[0]) + 1) if len(indices) == 1 else indices
+    steps = np.diff(indices)
+    if steps[0] == 0 or not np.all(steps == steps[0]):
+        return indices
+    step = int(steps[0])
+    stop = int(indices[-1]) + step
+    return slice(int(indices[0]), stop if stop >= 0 else None, step)
+
+
 def standardise_coordinates(dataset: xr.Dataset, source: str) -> xr.Dataset:
     """Return `dataset` with dimensions renamed to time/lat/lon and the grid in the standard layout."""
     try:
@@ -230,7 +247,7 @@ def standardise_coordinates(dataset: xr.Dataset, source: str) -> xr.Dataset:
     # Sort latitude north to south.
     lat_order = np.argsort(-latitudes, kind="stable")
     if not np.array_equal(lat_order, np.arange(len(latitudes))):
-        dataset = dataset.isel(lat=lat_order)
+        dataset = dataset.isel(lat=as_slice(lat_order))
 
     # Wrap and sort longitude, drop duplicates, and keep a regional grid free of a seam.
     lon_order, lon_values = normalise_longitudes(longitudes)
@@ -240,7 +257,7 @@ def standardise_coordinates(dataset: xr.Dataset, source: str) -> xr.Dataset:
             source,
             len(longitudes) - len(lon_order),
         )
-    dataset = dataset.isel(lon=lon_order).assign_coords(lon=lon_values)
+    dataset = dataset.isel(lon=as_slice(lon_order)).assign_coords(lon=lon_values)
     dataset["lon"].attrs.update(units="degrees_east", standard_name="longitude")
     return dataset
 

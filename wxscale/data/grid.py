@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
+from wxscale.data.coords import as_slice
 from wxscale.errors import DataError
 from wxscale.spec import Region
 
@@ -61,7 +62,7 @@ def crop_region(dataset: xr.Dataset, region: Region | None) -> xr.Dataset:
             f"lat {latitudes.min():g}..{latitudes.max():g}, lon {longitudes.min():g}..{longitudes.max():g}"
         )
 
-    cropped = dataset.isel(lat=lat_indices, lon=lon_indices)
+    cropped = dataset.isel(lat=as_slice(lat_indices), lon=as_slice(lon_indices))
     cropped = cropped.assign_coords(lon=lon_values)
     cropped["lon"].attrs.update(dataset["lon"].attrs)
     return cropped

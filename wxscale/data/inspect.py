@@ -79,8 +79,8 @@ class SourceReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if self.rate is not None:
-            data["rate"]["stepsPerSecond"] = self.rate.steps_per_second
-            data["rate"]["float32MBPerSecond"] = self.rate.steps_per_second * self.step_bytes / 1e6
+            data["rate"]["steps_per_second"] = self.rate.steps_per_second
+            data["rate"]["float32_mb_per_second"] = self.rate.steps_per_second * self.step_bytes / 1e6
         return data
 
 

@@ -28,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
 import zarr
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from wxscale.data.cache import ChunkCache
@@ -256,9 +258,11 @@ def open_zarr_store(
 
     The chunk cache applies to S3 stores only; local chunks are read in place.
     """
+    fs = None
     if protocol == "s3":
         url = f"s3://{path}"
-        inner: Any = FsspecStore(s3_filesystem(options, policy), path=path.rstrip("/"), read_only=True)
+        fs = s3_filesystem(options, policy)
+        inner: Any = FsspecStore(fs, path=path.rstrip("/"), read_only=True)
     else:
         url = path
         inner = LocalStore(path, read_only=True)
@@ -269,7 +273,30 @@ def open_zarr_store(
         cache = ChunkCache(cache_dir, url, limit)
     elif cache_dir:
         logger.debug("%s is local; the chunk cache is not used", url)
-    return ReliableStore(inner, policy, label=url, cache=cache)
+    store = ReliableStore(inner, policy, label=url, cache=cache)
+    if fs is not None:
+        # Close the S3 client when the store goes away or the process exits, not at garbage collection,
+        # where aiohttp would report an unclosed session.
+        weakref.finalize(store, _close_s3_client, fs)
+    return store
+
+
+def _close_s3_client(fs: Any) -> None:
+    """Close the aiobotocore client of an asynchronous s3fs filesystem on zarr's event loop, if it was opened."""
+    client = getattr(fs, "_s3", None)
+    if client is None:
+        return
+    fs._s3 = None
+    try:
+        # Garbage collection can run this on zarr's loop thread itself, where only a task can close the client.
+        asyncio.get_running_loop().create_task(client.__aexit__(None, None, None))
+        return
+    except RuntimeError:
+        pass  # no loop runs in this thread
+    try:
+        sync(client.__aexit__(None, None, None))
+    except (RuntimeError, OSError) as error:  # zarr's loop may be gone at interpreter exit
+        logger.debug("closing the S3 client failed: %s", error)
 
 
 def _chunk_slices(array: zarr.Array, coords: tuple[int, ...]) -> tuple[slice, ...]:

@@ -441,7 +441,7 @@ class StreamingWindows:
         # The same normalisation and masking as WindowDataset.
         x -= self._mean
         x /= self._std
-        np.nan_to_num(x, copy=False, nan=0.0)
+        np.copyto(x, 0.0, where=np.isnan(x))  # the reader turned infinities into NaN already
         mask = np.isfinite(y)
         y -= self._mean
         y /= self._std

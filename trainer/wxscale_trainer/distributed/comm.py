@@ -175,8 +175,9 @@ class MeteredReduceScatter(ReduceScatter):
 
 
 def gather_ranks(own: dict[str, Any]) -> list[dict[str, Any]]:
-    """Return every rank's `own` mapping, ordered by its "rank" key; a collective when a process group is
-    initialised, so every rank must call it at the same point.
+    """Return every rank's `own` mapping, ordered by its "rank" key.
+
+    With an initialised process group this is a collective, so every rank must call it at the same point.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[Any] = [None] * dist.get_world_size()
