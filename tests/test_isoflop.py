@@ -172,11 +172,11 @@ def test_recommendation_at_next_budget(analysis):
 
 
 def test_held_out_budget_predicted(analysis):
-    held = analysis["heldOut"]
-    assert held["budget"] == pytest.approx(analysis["budgets"][-1])
-    assert len(held["fittedOn"]) == len(BUDGETS) - 1
-    assert held["meanAbsoluteRelativeError"] < 0.03
-    assert held["maxAbsoluteRelativeError"] < 0.05
+    held_out = analysis["heldOut"]
+    assert held_out["budget"] == pytest.approx(analysis["budgets"][-1])
+    assert len(held_out["fittedOn"]) == len(BUDGETS) - 1
+    assert held_out["meanAbsoluteRelativeError"] < 0.03
+    assert held_out["maxAbsoluteRelativeError"] < 0.05
 
 
 def test_grid_bias_is_small_for_centred_sizes(analysis):

@@ -107,7 +107,9 @@ def test_ranks_train_on_disjoint_windows(ncep_zarr: Path):
             for block in train.rank_block_list(epoch, rank, 3):
                 owned[rank].update(range(block.start, block.stop))
                 windows[rank].update(train.rank_windows(block, rank, 3).tolist())
-        assert not owned[0] & owned[1] and not owned[0] & owned[2] and not owned[1] & owned[2]
+        assert not owned[0] & owned[1]
+        assert not owned[0] & owned[2]
+        assert not owned[1] & owned[2]
         assert set().union(*windows) == set(train.last_indices.tolist())
         assert sum(len(w) for w in windows) == len(train)
 
@@ -231,12 +233,16 @@ def test_load_trial_data_modes(ncep_zarr: Path):
     auto_large = load_trial_data(ncep_spec(ncep_zarr, loader={"mode": "auto", "streamAboveMB": 1}), seed=0)
     memory = load_trial_data(ncep_spec(ncep_zarr, loader={"mode": "memory", "streamAboveMB": 1}), seed=0)
 
-    assert isinstance(auto_small, DataBundle) and not auto_small.streaming
-    assert isinstance(auto_large, StreamingBundle) and auto_large.streaming
+    assert isinstance(auto_small, DataBundle)
+    assert not auto_small.streaming
+    assert isinstance(auto_large, StreamingBundle)
+    assert auto_large.streaming
     assert isinstance(memory, DataBundle)
     assert auto_large.loaded_bytes > 0
     x, y, mask = auto_large.train[3]
-    assert x.shape == (2, 25, 53) and y.shape == (1, 25, 53) and mask.shape == (1, 25, 53)
+    assert x.shape == (2, 25, 53)
+    assert y.shape == (1, 25, 53)
+    assert mask.shape == (1, 25, 53)
 
 
 # Prefetcher ------------------------------------------------------------------------------------
@@ -339,8 +345,8 @@ class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of moto that fails GETs of chosen keys.
 
     `fail(fragment, times, kind)` makes the next `times` GETs whose path contains
-    `fragment` fail: '503' answers SlowDown, 'reset' closes the connection
-    without an answer, 'hang' answers nothing for 30 s. `hits` counts the GETs
+    `fragment` fail: '503' returns HTTP 503 SlowDown, 'reset' closes the
+    connection without a response, 'hang' sends nothing for 30 s. `hits` counts the GETs
     per fragment, failed or not.
     """
 
@@ -359,6 +365,8 @@ class FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+
+                # Injected faults.
                 if self.command == "GET":
                     for rule in proxy.rules:
                         if rule[0] not in self.path:
@@ -381,6 +389,8 @@ class FaultProxy:
                             return
                         time.sleep(30)  # 'hang'
                         return
+
+                # Everything else goes to moto unchanged.
                 upstream_connection = http.client.HTTPConnection(host, int(port), timeout=60)
                 upstream_connection.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
                 response = upstream_connection.getresponse()
@@ -480,7 +490,7 @@ def test_s3_hanging_request_times_out(s3_store: str, proxy: FaultProxy):
     proxy.fail("ncep.zarr/air/c/3/0/0", times=100, kind="hang")
     began = time.monotonic()
 
-    with pytest.raises(ChunkReadError, match=r"'air/c/3/0/0' .* no answer within 0.5 s"):
+    with pytest.raises(ChunkReadError, match=r"'air/c/3/0/0' .* no response within 0.5 s"):
         build_streaming(s3_spec(s3_store, proxy.url, retries=1, timeoutSeconds=0.5), seed=0)
     assert time.monotonic() - began < 20
 
@@ -642,3 +652,27 @@ def test_cli_data_convert_and_inspect(tmp_path: Path, ncep_air: Path, capsys):
 def test_cli_inspect_missing_source(tmp_path: Path, capsys):
     assert wxscale_main(["data", "inspect", str(tmp_path / "absent.zarr")]) == 2
     assert "URL: " in capsys.readouterr().err
+
+
+# The trainer ----------------------------------------------------------------------------------------------------
+
+
+def test_trainer_streams_training_split(ncep_zarr: Path):
+    from wxscale.spec import TrialConfig
+    from wxscale.trialspec import TrialSpec
+    from wxscale_trainer.runtime import Runtime
+    from wxscale_trainer.train import run_trial
+
+    config = TrialConfig.model_validate({
+        "data": {"source": str(ncep_zarr), "history": 2, **NCEP_PERIODS, "loader": SMALL_BLOCKS},
+        "model": {"depth": 1, "heads": 2, "embedDim": 16},
+        "training": {"batchSize": 8, "budget": {"steps": 4}, "evalEvery": 4, "evalBatches": 1},
+    })
+
+    record = run_trial(TrialSpec("stream", "t0", 0, {}, config, 4), Runtime(0, 0, 1, torch.device("cpu")))
+
+    assert record["state"] == "Succeeded"
+    assert record["data"]["trainSamples"] == 1458
+    assert record["training"]["steps"] == 4
+    assert np.isfinite(record["evaluation"]["testLoss"])
+    assert 0.0 <= record["training"]["dataWaitFraction"] < 1.0

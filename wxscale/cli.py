@@ -33,11 +33,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_value(value) -> str:
+    """Show large floats (FLOP budgets) in scientific notation and everything else as is."""
+    if isinstance(value, float) and abs(value) >= 1e6:
+        return f"{value:.3g}"
+    return str(value)
+
+
 def _format_plan(trials) -> str:
     header = f"{'#':>3}  {'trial':<13} {'params':>10} {'steps':>7} {'samples':>9} {'FLOPs':>10}  axis values"
     lines = [header, "-" * len(header)]
     for trial in trials:
-        values = ", ".join(f"{k}={v}" for k, v in trial.axis_values.items())
+        values = ", ".join(f"{k}={_format_value(v)}" for k, v in trial.axis_values.items())
         lines.append(f"{trial.index:>3}  {trial.id:<13} {trial.params:>10,} {trial.steps:>7} {trial.samples:>9} "
                      f"{trial.total_flops:>10.3g}  {values}")
     total = sum(t.total_flops for t in trials)

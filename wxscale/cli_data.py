@@ -71,7 +71,8 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
     convert.add_argument("--chunk-mb", type=float, default=8.0,
                          help="target size of one chunk in MB as float32 when --time-chunk is not given (default 8)")
     convert.add_argument("--zarr-format", type=int, choices=(2, 3), default=3, help="zarr format (default 3)")
-    convert.add_argument("--compression", choices=("zstd", "none"), default="zstd", help="chunk compression (default zstd)")
+    convert.add_argument("--compression", choices=("zstd", "none"), default="zstd",
+                         help="chunk compression (default zstd)")
     convert.add_argument("--memory-mb", type=float, default=512.0,
                          help="memory for the slab read and written at once, in MB (default 512)")
     convert.add_argument("--overwrite", action="store_true", help="replace DST when it exists")

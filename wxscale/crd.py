@@ -143,6 +143,9 @@ class StudyStatus(_StatusModel):
     results_truncated: bool = Field(False, description="True when trials beyond the first 200 are left out.")
     budget: BudgetLedger
     fit: dict[str, Any] | None = Field(None, description="Scaling-law fits with bootstrap intervals (wxscale.fit).")
+    compute_optimal: dict[str, Any] | None = Field(
+        None, description="Compute-optimal exponents, the recommended (N, D) at the next budget and the "
+        "agreement of the IsoFLOP and parametric approaches.")
     updated_at: str = Field(description="Time of this status, RFC 3339.")
     active: list[ActiveJob] = Field(default_factory=list, description="Trials that have a PyTorchJob now.")
     output: str | None = Field(None, description="Where trial files and results are written.")

@@ -427,21 +427,26 @@ def fit_isoflop_profiles(
         boot_log_n[:, p] = np.where(valid, u_opt + profile.centre, np.nan)
         boot_loss[:, p] = np.where(valid, loss_opt, np.nan)
 
-    for p, profile in enumerate(profiles):
-        if not profile.has_minimum:
-            continue
-        u_opt, loss_opt, _ = _vertex(profile.coefficients)
-        log_n_opt = float(u_opt[0] + profile.centre)
-        low, high = profile.log_range
-        profile.position = (2.0 * log_n_opt - low - high) / (high - low)
-        profile.n_opt = _estimate(math.exp(log_n_opt), np.exp(boot_log_n[:, p]), confidence)
-        profile.d_opt = _estimate(
-            float(profile.optimal_samples(math.exp(log_n_opt))), profile.optimal_samples(np.exp(boot_log_n[:, p])),
-            confidence,
-        )
-        profile.loss_opt = _estimate(float(loss_opt[0]), boot_loss[:, p], confidence)
-
+    # Bootstrap minima far outside the sizes overflow exp(); _interval leaves the infinities out.
+    with np.errstate(over="ignore"):
+        for p, profile in enumerate(profiles):
+            if profile.has_minimum:
+                _set_profile_optimum(profile, boot_log_n[:, p], boot_loss[:, p], confidence)
     return _power_laws(profiles, boot_log_n, n_boot, confidence)
+
+
+def _set_profile_optimum(profile: Profile, boot_log_n: np.ndarray, boot_loss: np.ndarray, confidence: float) -> None:
+    """Set a profile's minimum, its position in the sizes and their intervals from the bootstrap minima."""
+    u_opt, loss_opt, _ = _vertex(profile.coefficients)
+    log_n_opt = float(u_opt[0] + profile.centre)
+    low, high = profile.log_range
+    profile.position = (2.0 * log_n_opt - low - high) / (high - low)
+    profile.n_opt = _estimate(math.exp(log_n_opt), np.exp(boot_log_n), confidence)
+    profile.d_opt = _estimate(
+        float(profile.optimal_samples(math.exp(log_n_opt))), profile.optimal_samples(np.exp(boot_log_n)),
+        confidence,
+    )
+    profile.loss_opt = _estimate(float(loss_opt[0]), boot_loss, confidence)
 
 
 def _power_laws(profiles: list[Profile], boot_log_n: np.ndarray, n_boot: int, confidence: float) -> Approach2:
@@ -452,7 +457,7 @@ def _power_laws(profiles: list[Profile], boot_log_n: np.ndarray, n_boot: int, co
         return Approach2(
             profiles, None, None, None, None, confidence, n_boot, 0,
             note=f"the power laws need minima at 2 or more budgets; {len(usable)} of {len(profiles)} profiles have "
-            f"one{f' ({missing} curve down, so their minimum lies beyond the sizes)' if missing else ''}",
+            f"one{f' (the parabolas of {missing} curve down)' if missing else ''}",
         )
 
     log_c = np.log([profiles[p].budget for p in usable])
@@ -903,7 +908,9 @@ def analyse_compute_optimal(
                 f"test MSE rises at budgets {', '.join(f'{b:.3g}' for b in entry['worseAtBudgets'])}"
             )
     else:
-        summary["perVariable"] = {"note": "one output variable at one lead time: the pooled fit is the per-variable fit"}
+        summary["perVariable"] = {
+            "note": "one output variable at one lead time: the pooled fit is the per-variable fit"
+        }
     summary["notes"] = notes
     return summary
 

@@ -553,7 +553,8 @@ def _extrapolation_lines(analysis: dict[str, Any], confidence: int) -> list[str]
         lines.append(
             f"| {entry['flops']:.3g} | {entry['factor']:.0f} | {_estimate_cell(third.get('params'), count=True)} | "
             f"{_estimate_cell(third.get('samples'), count=True)} | {_estimate_cell(third.get('loss'))} | "
-            f"{_estimate_cell(second.get('params'), count=True)} | {_estimate_cell(second.get('samples'), count=True)} |"
+            f"{_estimate_cell(second.get('params'), count=True)} | "
+            f"{_estimate_cell(second.get('samples'), count=True)} |"
         )
     lines.append(f"\nIntervals are {confidence} % bootstrap percentiles; they cover the fit's noise, not a change "
                  "of regime beyond the trained budgets.")
@@ -561,23 +562,24 @@ def _extrapolation_lines(analysis: dict[str, Any], confidence: int) -> list[str]
 
 
 def _held_out_lines(analysis: dict[str, Any]) -> list[str]:
-    held = analysis.get("heldOut") or {}
+    held_out = analysis.get("heldOut") or {}
     lines = ["### Held-out budget", ""]
-    if "note" in held:
-        return lines + [f"Not run: {held['note']}."]
-    fitted_on = ", ".join(f"{budget:.3g}" for budget in held.get("fittedOn", []))
+    if "note" in held_out:
+        return lines + [f"Not run: {held_out['note']}."]
+    fitted_on = ", ".join(f"{budget:.3g}" for budget in held_out.get("fittedOn", []))
+    count = len(held_out["points"])
     line = (
-        f"Fitted on the budgets {fitted_on} and predicting the {len(held['points'])} trials at {held['budget']:.3g} "
-        f"FLOPs, approach 3 misses their test loss by {100 * held['meanAbsoluteRelativeError']:.1f} % on average "
-        f"({100 * held['maxAbsoluteRelativeError']:.1f} % at most); {held['nInsideInterval']} of "
-        f"{len(held['points'])} observed losses lie inside the interval of the fitted law, which leaves out the "
+        f"Fitted on the budgets {fitted_on} and predicting the {count} trials at {held_out['budget']:.3g} "
+        f"FLOPs, approach 3 misses their test loss by {100 * held_out['meanAbsoluteRelativeError']:.1f} % on average "
+        f"({100 * held_out['maxAbsoluteRelativeError']:.1f} % at most); {held_out['nInsideInterval']} of "
+        f"{count} observed losses lie inside the interval of the fitted law, which leaves out the "
         "noise of single trials."
     )
     observed = next((profile.get("paramsOpt") for profile in analysis["approach2"]["profiles"]
-                     if math.isclose(profile["budget"], held["budget"], rel_tol=1e-9)), None)
-    predictions = [f"approach 3 {format_si(held['approach3ParamsOpt'])}"]
-    if held.get("approach2ParamsOpt") is not None:
-        predictions.insert(0, f"approach 2 {format_si(held['approach2ParamsOpt'])}")
+                     if math.isclose(profile["budget"], held_out["budget"], rel_tol=1e-9)), None)
+    predictions = [f"approach 3 {format_si(held_out['approach3ParamsOpt'])}"]
+    if held_out.get("approach2ParamsOpt") is not None:
+        predictions.insert(0, f"approach 2 {format_si(held_out['approach2ParamsOpt'])}")
     if observed and observed.get("value"):
         line += (f" N_opt predicted there: {', '.join(predictions)}; the full-data profile minimum is "
                  f"{format_si(observed['value'])}.")

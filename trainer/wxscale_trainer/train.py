@@ -58,7 +58,7 @@ def cooldown_branch(strategy, optimizer: torch.optim.Optimizer, batches, *, star
     """Train the cool-down of a run of `length` steps from step `start`, evaluate it, then restore step `start`.
 
     The branch follows lr_multiplier(step, length, schedule): the constant_cooldown schedule of a
-    run of `length` steps, so its evaluation stands in for that run (Hägele et al. 2024, "Scaling Laws
+    run of `length` steps, so its evaluation replaces a separate run of that length (Hägele et al. 2024, "Scaling Laws
     and Compute-Optimal Training Beyond Fixed Training Durations"). `evaluate()` returns the
     evaluation entries of the point. The branch consumes batches of the run's data order.
     """

@@ -87,7 +87,9 @@ def rank_blocks(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return order[rank::world_size]
 
 
-def shuffle_group(windows: list[tuple[int, int]], seed: int, epoch: int, rank: int, group: int) -> list[tuple[int, int]]:
+def shuffle_group(
+    windows: list[tuple[int, int]], seed: int, epoch: int, rank: int, group: int
+) -> list[tuple[int, int]]:
     """Return the (slot, window) pairs of one shuffle group in an order seeded by (seed, epoch, rank, group)."""
     generator = np.random.default_rng([seed, epoch, rank, group])
     return [windows[i] for i in generator.permutation(len(windows))]
@@ -96,9 +98,11 @@ def shuffle_group(windows: list[tuple[int, int]], seed: int, epoch: int, rank: i
 def halo_overhead(block_steps: int, chunk_steps: int, layout: WindowLayout) -> float:
     """Return the worst-case read amplification of aligned blocks: chunks read / chunks owned.
 
-    A block reads one extra chunk before its first chunk when the history reaches
-    back past it, and one after its last when the lead reaches past it.
+    The inputs of a block's first window reach back `span_back` steps, into
+    ceil(span_back / chunk_steps) chunks before the block at most, and the target
+    of its last window `lead_steps` steps, into ceil(lead_steps / chunk_steps) after it.
     """
     owned = max(1, math.ceil(block_steps / chunk_steps))
-    extra = (1 if layout.span_back > 0 else 0) + (1 if layout.lead_steps > 0 else 0)
-    return (owned + extra) / owned
+    before = math.ceil(layout.span_back / chunk_steps)
+    after = math.ceil(layout.lead_steps / chunk_steps)
+    return (owned + before + after) / owned

@@ -49,7 +49,7 @@ class ConvertOptions:
 
 @dataclass(frozen=True)
 class ConvertSummary:
-    """What `convert` wrote."""
+    """The layout and size of the store that `convert` wrote."""
 
     destination: str
     variables: list[str]

@@ -209,7 +209,10 @@ def format_report(report: SourceReport) -> str:
         "variables:",
     ]
     for info in report.variables:
-        chunks = "unchunked" if info.chunks is None else f"chunks {info.chunks} over {info.dims} ({info.chunk_mb:.2f} MB)"
+        if info.chunks is None:
+            chunks = "unchunked"
+        else:
+            chunks = f"chunks {info.chunks} over {info.dims} ({info.chunk_mb:.2f} MB)"
         units = f" [{info.units}]" if info.units else ""
         lines.append(f"  {info.name}{units}: {info.dtype}, {chunks}, compressors {info.compressors}")
     if report.rate is not None:

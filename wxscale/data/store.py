@@ -197,7 +197,7 @@ class ReliableStore(WrapperStore):
                 value = await asyncio.wait_for(self._store.get(key, prototype, byte_range), policy.timeout_seconds)
             except Exception as error:
                 if isinstance(error, TimeoutError):
-                    error = TimeoutError(f"no answer within {policy.timeout_seconds:g} s")
+                    error = TimeoutError(f"no response within {policy.timeout_seconds:g} s")
                 if not is_transient(error):
                     raise ChunkReadError(
                         f"reading {key!r} from {self.label} failed: {type(error).__name__}: {error}", key

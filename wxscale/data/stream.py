@@ -18,10 +18,11 @@ Memory: at most `prefetch` blocks are being read or wait in the queue, and
 prefetch + shuffleBlocks + 1 of them fit in `loader.memoryMB`.
 
 Normalisation statistics and the climatology come from the training period
-only. They are estimated from at most `loader.statsSteps` of its time steps,
-read in blocks spread evenly over the period; with fewer steps in the period
-the statistics are exact. Validation and test splits are loaded into memory,
-because the test evaluation needs all of its fields at once.
+only. They are estimated from about `loader.statsSteps` of its time steps,
+read as whole time chunks spread evenly over the period; when the period has
+no more steps than that, every step is read and the statistics are exact.
+Validation and test splits are loaded into memory, because the test
+evaluation needs all of its fields at once.
 """
 
 from __future__ import annotations
@@ -39,13 +40,28 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from wxscale.data.blocks import Block, block_steps_for, epoch_order, halo_overhead, plan_blocks, rank_blocks, shuffle_group
+from wxscale.data.blocks import (
+    Block,
+    block_steps_for,
+    epoch_order,
+    halo_overhead,
+    plan_blocks,
+    rank_blocks,
+    shuffle_group,
+)
 from wxscale.data.coords import time_dimension
 from wxscale.data.dataset import BundleMethods, WindowDataset, _apply_nan_policy, _describe, build_datasets
 from wxscale.data.grid import coarsen, coarsen_values, crop_region
 from wxscale.data.sources import RawSource, open_source_and_raw
 from wxscale.data.stats import Climatology, NormalisationStats, RunningMoments
-from wxscale.data.store import DECODE_ERRORS, ChunkReadError, CorruptChunkError, ReadPolicy, find_corrupt_chunk, is_transient
+from wxscale.data.store import (
+    DECODE_ERRORS,
+    ChunkReadError,
+    CorruptChunkError,
+    ReadPolicy,
+    find_corrupt_chunk,
+    is_transient,
+)
 from wxscale.data.windows import WindowLayout, build_splits, to_timestamp
 from wxscale.errors import DataError
 from wxscale.spec import DataSpec, LoaderSpec
@@ -88,7 +104,8 @@ class StreamSource:
     def from_spec(cls, data: DataSpec, opened: tuple[xr.Dataset, RawSource] | None = None) -> StreamSource:
         """Open `data.source` (or take the `open_source_and_raw` result `opened`) and crop it to `data.region`."""
         dataset, raw = opened or open_source_and_raw(data)
-        return cls(crop_region(dataset, data.region), raw, data.source, data.coarsen, ReadPolicy.from_loader(data.loader))
+        policy = ReadPolicy.from_loader(data.loader)
+        return cls(crop_region(dataset, data.region), raw, data.source, data.coarsen, policy)
 
     @property
     def step_bytes(self) -> int:
@@ -138,13 +155,13 @@ class StreamSource:
             except OSError as error:
                 if not is_transient(error) or attempt == policy.retries:
                     raise DataError(
-                        f"reading time steps {self._span(start, stop)} of {self.label} failed after {attempt + 1} "
-                        f"attempt(s): {type(error).__name__}: {error}"
+                        f"reading time steps {self.describe_span(start, stop)} of {self.label} failed after "
+                        f"{attempt + 1} attempt(s): {type(error).__name__}: {error}"
                     ) from error
                 delay = policy.delay(attempt)
                 logger.warning(
                     "reading time steps %s of %s failed (%s: %s); retry %d of %d in %.2f s",
-                    self._span(start, stop),
+                    self.describe_span(start, stop),
                     self.label,
                     type(error).__name__,
                     error,
@@ -179,11 +196,11 @@ class StreamSource:
                         f"{error}); rewrite the store or restore the chunk",
                         key,
                     ) from error
-        raise DataError(
-            f"reading time steps {self._span(start, stop)} of {self.label} failed: {type(error).__name__}: {error}"
-        ) from error
+        span = self.describe_span(start, stop)
+        raise DataError(f"reading time steps {span} of {self.label} failed: {type(error).__name__}: {error}") from error
 
-    def _span(self, start: int, stop: int) -> str:
+    def describe_span(self, start: int, stop: int) -> str:
+        """Return time steps [start, stop) as 'first..last (date..date)' for messages."""
         last = min(stop, len(self.times)) - 1
         return f"{start}..{last} ({self.times[start]:%Y-%m-%d %H:%M}..{self.times[last]:%Y-%m-%d %H:%M})"
 
@@ -217,7 +234,9 @@ class Prefetcher:
         self._condition = threading.Condition()
         self._slots = threading.Semaphore(max(1, depth))
         count = max(0, min(workers, len(self._items)))
-        self._threads = [threading.Thread(target=self._work, name=f"wxscale-prefetch-{i}", daemon=True) for i in range(count)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"wxscale-prefetch-{i}", daemon=True) for i in range(count)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -236,7 +255,7 @@ class Prefetcher:
                 result = (False, error)
             with self._condition:
                 if self._stopped:
-                    return  # closed while reading: nobody will consume the result
+                    return  # closed while reading: the consumer has stopped, so the result is dropped
                 self._results[position] = result
                 self._condition.notify_all()
 
@@ -249,7 +268,7 @@ class Prefetcher:
                     if remaining <= 0:
                         raise DataError(
                             f"timed out after {self._timeout:g} s waiting for {self._describe(item)}; the storage "
-                            "does not answer. Check it, or raise spec.data.loader.timeoutSeconds"
+                            "does not respond. Check it, or raise spec.data.loader.timeoutSeconds"
                         )
                     self._condition.wait(remaining)
                 ok, value = self._results.pop(position)
@@ -375,7 +394,8 @@ class StreamingWindows:
 
     def windows_in_epoch(self, epoch: int, rank: int = 0, world_size: int = 1) -> int:
         """Return the number of windows `rank` reads in `epoch`."""
-        return sum(len(self.rank_windows(block, rank, world_size)) for block in self.rank_block_list(epoch, rank, world_size))
+        blocks = self.rank_block_list(epoch, rank, world_size)
+        return sum(len(self.rank_windows(block, rank, world_size)) for block in blocks)
 
     def batches_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
         """Return the full batches that every rank has in every epoch: the same count for all ranks and epochs.
@@ -400,7 +420,9 @@ class StreamingWindows:
         groups = []
         for group_index, first in enumerate(range(0, len(blocks), size)):
             members = blocks[first : first + size]
-            entries = [(slot, int(w)) for slot, block in enumerate(members) for w in self.rank_windows(block, rank, world_size)]
+            entries = [
+                (slot, int(w)) for slot, block in enumerate(members) for w in self.rank_windows(block, rank, world_size)
+            ]
             if self.shuffle:
                 entries = shuffle_group(entries, self.seed, epoch, rank, group_index)
             groups.append((members, entries))
@@ -409,7 +431,8 @@ class StreamingWindows:
     # Reading --------------------------------------------------------------------------
 
     def _describe(self, block: Block) -> str:
-        return f"block {block.index} (time steps {self.source._span(block.read_start, block.read_stop)}) of {self.source.label}"
+        span = self.source.describe_span(block.read_start, block.read_stop)
+        return f"block {block.index} (time steps {span}) of {self.source.label}"
 
     def _read_block(self, block: Block) -> np.ndarray:
         values = self.source.read(block.read_start, block.read_stop)
@@ -420,13 +443,15 @@ class StreamingWindows:
                 if missing:
                     raise DataError(
                         f"variable {name!r} has {missing} NaN cells in time steps "
-                        f"{self.source._span(block.read_start, block.read_stop)} that the samples use, and "
+                        f"{self.source.describe_span(block.read_start, block.read_stop)} that the samples use, and "
                         "spec.data.nanPolicy is 'error'; set nanPolicy: mask to leave them out of the loss and the "
                         "metrics, or fill them in the data"
                     )
         return values
 
-    def _assemble(self, entries: list[tuple[int, int]], group: list[tuple[Block, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    def _assemble(
+        self, entries: list[tuple[int, int]], group: list[tuple[Block, np.ndarray]]
+    ) -> tuple[np.ndarray, ...]:
         """Return normalised (x, y, mask) arrays of the windows `entries`, (slot in group, last-input index) pairs."""
         n_vars, height, width = self.source.shape
         history = self.layout.history
@@ -471,7 +496,7 @@ class StreamingWindows:
         hold only skipped samples are not read, so a resumed trial continues where
         it stopped. At most `max_batches` batches are yielded, counting the skipped
         ones. A batch can hold windows of two shuffle groups. With `drop_last` the
-        final incomplete batch is dropped. Raises DataError when the epoch holds no
+        final incomplete batch is dropped. Raises DataError when the epoch contains no
         complete batch, so that a training loop cannot wait forever.
         """
         groups = self._groups(epoch, rank, world_size)
@@ -488,7 +513,9 @@ class StreamingWindows:
 
         spec = self.loader_spec
         blocks = [block for members, _ in groups for block in members]
-        prefetcher = Prefetcher(self._read_block, blocks, spec.workers, spec.prefetch, self.wait_timeout, self._describe)
+        prefetcher = Prefetcher(
+            self._read_block, blocks, spec.workers, spec.prefetch, self.wait_timeout, self._describe
+        )
         partial: tuple[np.ndarray, ...] | None = None
         try:
             stream = iter(prefetcher)
@@ -522,7 +549,7 @@ class StreamingWindows:
             )
 
     def loader(self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> StreamLoader:
-        """Return an iterable of `rank`'s batches, one epoch per iteration, with the sampler methods a training loop uses."""
+        """Return an iterable of `rank`'s batches, one epoch per iteration, with a sampler's `set_epoch`."""
         if self.window_sharding(world_size):
             logger.warning(
                 "%s split: %d block(s) for %d ranks; every rank reads every block and keeps every %d-th window, "
@@ -642,7 +669,7 @@ def estimate_training_statistics(
         loader.workers,
         loader.prefetch,
         source.policy.timeout_seconds * (source.policy.retries + 2),
-        lambda span: f"time steps {source._span(*span)} of {source.label}",
+        lambda span: f"time steps {source.describe_span(*span)} of {source.label}",
     )
     try:
         for (start, stop), values in prefetcher:
@@ -713,7 +740,8 @@ def _load_split(source: StreamSource, name: str, windows: np.ndarray, layout: Wi
     first, last = int(touched[0]), int(touched[-1])
     values = source.read(first, last + 1)
     nan_cells = _apply_nan_policy(values, touched - first, source.variables, data)
-    dataset = WindowDataset(name, values, source.times[first : last + 1], windows - first, layout, stats.mean, stats.std)
+    times = source.times[first : last + 1]
+    dataset = WindowDataset(name, values, times, windows - first, layout, stats.mean, stats.std)
     return dataset, nan_cells
 
 
@@ -827,7 +855,7 @@ def training_period_bytes(dataset: xr.Dataset, data: DataSpec) -> int:
 
 
 def load_trial_data(data: DataSpec, seed: int):
-    """Return the data of one trial: a `DataBundle` in memory or a `StreamingBundle`, as `data.loader.mode` says.
+    """Return the data of one trial: a `DataBundle` in memory or a `StreamingBundle`, as `data.loader.mode` selects.
 
     'auto' streams when the training period is larger than `loader.streamAboveMB`
     as float32. The synthetic source is generated in memory in every mode.
