@@ -1,6 +1,10 @@
 # `make quickstart` runs the quickstart study; `make test` runs the test suite.
 # Both create the virtualenv .venv on first use (idempotent).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
+# This machine's pip configuration names index folders that may be absent; drop those warnings.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 VENV := .venv
 STAMP := $(VENV)/.installed
 
@@ -8,8 +12,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 -c requirements.lock
-	$(VENV)/bin/pip install -q --disable-pip-version-check -c requirements.lock -e '.[test]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 -c requirements.lock 2>&1 | { $(QUIET_PIP); }
+	$(VENV)/bin/pip install -q --disable-pip-version-check -c requirements.lock -e '.[test]' 2>&1 | { $(QUIET_PIP); }
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Library chatter (kopf's signal warning, botocore, numcodecs) would bury the suite's progress lines.
-    for noisy in ("kopf", "botocore", "aiobotocore", "s3fs", "numcodecs", "wxscale", "wxscale_operator"):
+    for noisy in ("kopf", "aiohttp", "botocore", "aiobotocore", "s3fs", "numcodecs", "wxscale", "wxscale_operator"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
     description = machine()

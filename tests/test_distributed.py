@@ -283,7 +283,7 @@ def distributed_study() -> dict:
             },
             "model": {"depth": 2, "heads": 2, "embedDim": 32},
             "training": {"batchSize": 8, "budget": {"steps": 8}, "evalEvery": 4, "evalBatches": 2,
-                         "device": "cpu", "checkpoint": {"everySteps": 4}},
+                         "device": "cpu", "numThreads": 1, "checkpoint": {"everySteps": 4}},
             "points": list(POINTS.values()),
             "maxConcurrentTrials": 1,
         },

@@ -132,7 +132,13 @@ def test_interrupt_keeps_finished_results(tmp_path: Path):
         while not list(out.glob("trials/*/result.json")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert list(out.glob("trials/*/result.json")), "the first trial did not finish in time"
-        time.sleep(3)  # the second trial is now running
+        (finished_id,) = [p.parent.name for p in out.glob("trials/*/result.json")]
+        # Interrupt once the second trial is training, so the interrupt hits a running trial.
+        while time.monotonic() < deadline and not any(
+            "step " in log.read_text(errors="replace") for log in (out / "logs").glob("*.log")
+            if log.stem != finished_id
+        ):
+            time.sleep(0.5)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
