@@ -24,6 +24,16 @@ Unknown fields are rejected. Any field of `data`, `model`, `training` and
 
 def _type_name(annotation) -> str:
     text = str(annotation).replace("typing.", "").replace("wxscale.spec.", "")
+    # Constrained items (list[Annotated[float, FieldInfo(...)]]) read as their base type.
+    while "Annotated[" in text:
+        start = text.index("Annotated[")
+        base_end = text.index(",", start)
+        depth, end = 0, start + len("Annotated")
+        for end in range(end, len(text)):
+            depth += {"[": 1, "]": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        text = text[:start] + text[start + len("Annotated["):base_end] + text[end + 1:]
     text = text.replace("<class '", "").replace("'>", "").replace("NoneType", "null")
     return text.replace("|", "or")
 
@@ -45,15 +55,22 @@ def rows(model: type[BaseModel], prefix: str) -> list[str]:
         if field.default is not PydanticUndefined:
             default = "null" if field.default is None else f"`{field.default}`"
         elif field.default_factory is not None:
-            default = "see fields" if nested else "`[]` or `{}`"
+            empty = field.default_factory()
+            default = "see fields" if nested and not isinstance(empty, list) else f"`{empty}`"
         else:
             default = "required"
         description = field.description or ""
         if not description and nested is not None and nested.__doc__:
             description = nested.__doc__.strip().splitlines()[0]
-        lines.append(f"| `{path}` | {_type_name(field.annotation) if not nested else nested.__name__} | {default} "
-                     f"| {description} |")
-        if nested is not None and nested.__name__ not in ("Axis",):
+        if nested is None:
+            type_name = _type_name(field.annotation)
+        elif typing.get_origin(field.annotation) is list or "list[" in str(field.annotation):
+            type_name = f"list of {nested.__name__}"
+            path += "[]"
+        else:
+            type_name = nested.__name__
+        lines.append(f"| `{path}` | {type_name} | {default} | {description} |")
+        if nested is not None:
             lines.extend(rows(nested, path))
     return lines
 

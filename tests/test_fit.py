@@ -271,3 +271,17 @@ def test_fit_study_falls_back_to_total_params():
     summary = fit_study(records, n_boot=0, grid=StartGrid.small())
     assert summary["paramsField"] == "model.params"
     assert summary["lossVsParams"]["inputs"] == ["model.params"]
+
+
+def test_parameters_at_bound_flagged():
+    from wxscale.fit import Estimate, ScalingFit
+
+    fit = ScalingFit(
+        formula="L = E + A / x^alpha", inputs=("x",),
+        parameters={"E": Estimate(1e-17, 1e-17, 1e-16), "A": Estimate(10.0, 5.0, 20.0),
+                    "alpha": Estimate(0.3, 0.1, 10.0)},
+        converged=True, message="", gradient_norm=0.0, objective=0.0, n_points=5, n_starts=1,
+        n_starts_converged=1, n_bootstrap=0, n_bootstrap_converged=0, confidence=0.95,
+    )
+    assert fit.parameters_at_bound() == ["E", "alpha"]
+    assert fit.to_dict()["atBound"] == ["E", "alpha"]

@@ -143,7 +143,7 @@ def test_validate_cli_exit_codes(tmp_path: Path):
     good = subprocess.run([sys.executable, "-m", "wxscale", "validate", str(REPO / "examples/quickstart.yaml")],
                           capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
-    assert "12 trial(s)" in good.stdout
+    assert "16 trial(s)" in good.stdout
 
     document = copy.deepcopy(minimal())
     document["spec"]["model"] = {"depth": 0}
@@ -161,3 +161,10 @@ def test_reference_doc_matches_model():
     assert (REPO / "docs/study.md").read_text() == generated, (
         "docs/study.md is stale: run `python scripts/study_reference.py > docs/study.md`"
     )
+
+
+def test_heads_hint_lists_divisors():
+    document = minimal()
+    document["spec"]["model"] = {"embedDim": 64, "heads": 3}
+    (problem,) = problems_of(document)
+    assert "use heads in [1, 2, 4, 8, 16, 32, 64]" in problem

@@ -25,10 +25,12 @@ def _load(path: str, data_override: str | None = None):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    study = _load(args.study)
-    from wxscale.planner import expand
+    """Check the schema and the axes, then open the data source's coordinates so a missing file,
+    variable or an impossible lead time is reported before anything runs."""
+    from wxscale.planner import plan
 
-    trials, _ = expand(study)
+    study = _load(args.study, args.data)
+    trials = plan(study)
     print(f"{args.study}: valid ScalingStudy {study.metadata.name!r} with {len(trials)} trial(s)")
     return 0
 
@@ -90,6 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.no_report:
         _report(output, study.metadata.name, executor)
         status = executor.status()
+    for record in executor.failed_records():
+        first_line = (record.get("error") or "no error message").strip().splitlines()[0]
+        print(f"trial {record['trial']} failed after {record.get('attempts', 1)} attempt(s): {first_line}",
+              file=sys.stderr)
     print(f"study {study.metadata.name}: {status['phase']} "
           f"({status['trials']['succeeded']} succeeded, {status['trials']['failed']} failed of {status['trialsTotal']})")
     return 0 if status["phase"] == "Succeeded" else 1
@@ -139,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a study file and list every error")
     validate.add_argument("study", help="ScalingStudy YAML file")
+    validate.add_argument("--data", help="override spec.data.source (a path or URL)")
     validate.set_defaults(handler=cmd_validate)
 
     plan = commands.add_parser("plan", help="list the trials, their configs and predicted FLOPs; runs nothing")

@@ -127,6 +127,12 @@ class LocalExecutor:
         self._previous_status = status
         return status
 
+    def failed_records(self) -> list[dict[str, Any]]:
+        """Return the result records of failed trials, in trial order."""
+        with self._lock:
+            runs = sorted(self.runs.values(), key=lambda run: run.trial.index)
+            return [run.record for run in runs if run.state == "Failed" and run.record]
+
     def write_status(self, fit: dict[str, Any] | None = None) -> dict[str, Any]:
         status = self.status(fit)
         self.output.write_json("status.json", {"apiVersion": self.study.api_version, "kind": self.study.kind,

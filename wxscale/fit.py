@@ -172,6 +172,23 @@ class ScalingFit:
             loss = loss + values["B"].value / np.asarray(inputs[1], dtype=float) ** values["beta"].value
         return loss
 
+    def parameters_at_bound(self) -> list[str]:
+        """Name the parameters whose value or interval limit sits at the edge of the search.
+
+        Exponents are searched in _EXPONENT_BOUNDS, and an offset E below 1e-9 means the
+        data do not identify an irreducible loss. Such numbers mark the search's limits,
+        not estimates.
+        """
+        flagged = []
+        for name, estimate in self.parameters.items():
+            numbers = [v for v in (estimate.value, estimate.low, estimate.high) if v is not None]
+            if name in ("alpha", "beta"):
+                if any(math.isclose(v, bound, abs_tol=1e-6) for v in numbers for bound in _EXPONENT_BOUNDS):
+                    flagged.append(name)
+            elif name == "E" and any(v < 1e-9 for v in numbers):
+                flagged.append(name)
+        return flagged
+
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = {
             "formula": self.formula,
@@ -187,6 +204,7 @@ class ScalingFit:
             "nBootstrap": self.n_bootstrap,
             "nBootstrapConverged": self.n_bootstrap_converged,
             "confidence": self.confidence,
+            "atBound": self.parameters_at_bound(),
         }
         if self.compute_optimal is not None:
             result["computeOptimal"] = self.compute_optimal.to_dict()
@@ -422,7 +440,9 @@ def _has_enough_points(columns: Sequence[np.ndarray]) -> bool:
 
 
 def _percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float | None, float | None]:
-    if len(samples) < MIN_BOOTSTRAP_FITS:
+    # Identical refits mean every usable resample held the same distinct points (n = parameters + 1),
+    # so the spread says nothing about uncertainty: no interval rather than a zero-width one.
+    if len(samples) < MIN_BOOTSTRAP_FITS or np.ptp(samples) == 0:
         return None, None
     tail = 50.0 * (1.0 - confidence)
     low, high = np.percentile(samples, [tail, 100.0 - tail])

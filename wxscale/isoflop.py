@@ -817,6 +817,15 @@ def _columns(allocation: dict[str, list[Estimate]]) -> dict[str, list[float | No
     return columns
 
 
+def _design_kind(records: list[dict[str, Any]]) -> str:
+    """Name the study design behind the records: compute_ladder, isoflop or grid."""
+    if any(record_value(r, "training.ladder") for r in records):
+        return "compute_ladder"
+    if any(BUDGET_KEY in (r.get("axisValues") or {}) for r in records):
+        return "isoflop"
+    return "grid"
+
+
 def analyse_compute_optimal(
     records: Iterable[dict[str, Any]],
     *,
@@ -873,7 +882,7 @@ def analyse_compute_optimal(
     extrapolation_budgets = [budgets[-1] * factor for factor in EXTRAPOLATION_FACTORS]
     recommended = next_budget(budgets)
     summary: dict[str, Any] = {
-        "design": "compute_ladder" if any(record_value(r, "training.ladder") for r in records) else "isoflop",
+        "design": _design_kind(records),
         "paramsField": params_field,
         "nPoints": len(points),
         "nTrials": len({point.trial for point in points}),

@@ -376,14 +376,26 @@ def _fit_lines(fits: dict[str, Any]) -> list[str]:
             f"({fit.get('message')}; {fit.get('nStartsConverged')} of {fit.get('nStarts')} starts converged), "
             f"{fit.get('nBootstrapConverged')} of {fit.get('nBootstrap')} bootstrap refits converged."
         )
+        missing = [name for name, entry in fit.get("parameters", {}).items() if entry.get("low") is None]
         if (fit.get("nBootstrapConverged") or 0) < MIN_BOOTSTRAP_FITS:
             lines.append(
                 f"\nNo intervals: they need at least {MIN_BOOTSTRAP_FITS} converged bootstrap refits. "
                 "Resamples that repeat trials often lack enough distinct points, so add trials with distinct values."
             )
+        elif missing:
+            lines.append(
+                f"\nNo intervals for {', '.join(missing)}: every usable bootstrap resample gave the same fit, which "
+                "happens when there is just one more trial than the law has parameters. Add trials with distinct values."
+            )
         lines += ["", f"| parameter | value | {confidence} % low | {confidence} % high |", "|---|---|---|---|"]
         for parameter, entry in fit.get("parameters", {}).items():
             lines.append(f"| {parameter} | " + " | ".join(_estimate_text(entry)) + " |")
+        if fit.get("atBound"):
+            lines.append(
+                f"\nAt the edge of the search: {', '.join(fit['atBound'])}. Exponents are searched in [0, 10] and an "
+                "offset E near 0 means the data do not pin down an irreducible loss, so these numbers are limits of "
+                "the search, not estimates. Trials over a wider range of sizes or lengths would constrain them."
+            )
 
         optimal = fit.get("computeOptimal")
         if optimal:
@@ -621,7 +633,8 @@ def _compute_optimal_lines(fits: dict[str, Any]) -> list[str]:
         return lines + [f"Not analysed: {analysis['note']}."]
 
     confidence = round(100 * float(analysis["approach2"].get("confidence", 0.95)))
-    design = "compute ladder" if analysis.get("design") == "compute_ladder" else "IsoFLOP design"
+    design = {"compute_ladder": "compute ladder", "isoflop": "IsoFLOP design"}.get(
+        analysis.get("design"), "grid trials grouped by equal compute")
     lines += [
         f"{analysis['nPoints']} points from {analysis['nTrials']} trials ({design}) at "
         f"{len(analysis['budgets'])} compute budgets; N is `{analysis.get('paramsField')}`, D the training samples "

@@ -259,9 +259,10 @@ class ModelSpec(Model):
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSpec:
         if self.embed_dim % self.heads != 0:
+            divisors = [n for n in range(1, self.embed_dim + 1) if self.embed_dim % n == 0 and n <= 64]
             raise ValueError(
                 f"embedDim must be divisible by heads, got embedDim={self.embed_dim} heads={self.heads}; "
-                f"try embedDim={self.heads * max(1, round(self.embed_dim / self.heads))}"
+                f"use heads in {divisors} or an embedDim that is a multiple of every heads value on the axes"
             )
         return self
 

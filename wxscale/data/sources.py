@@ -162,7 +162,8 @@ def open_location(
         hint = (
             "check the bucket and key, and spec.data.storage.endpointUrl or AWS_ENDPOINT_URL"
             if protocol == "s3"
-            else "give an existing netCDF file or zarr store, an s3:// URL, or 'synthetic'"
+            else f"relative paths are resolved against the current directory ({os.getcwd()}); give an existing "
+            "netCDF file or zarr store, an s3:// URL or 'synthetic', or pass `--data PATH` on the command line"
         )
         raise DataError(f"{field}: {source} not found; {hint}")
 
