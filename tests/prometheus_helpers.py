@@ -261,7 +261,7 @@ def grafana_to_promql(expr: str, variables: dict[str, str]) -> str:
 NAMESPACE = "telemetry"
 STUDY = "telemetry-test"
 BUCKET = "telemetry"
-STEPS = 30
+STEPS = 300
 
 
 def study_document() -> dict[str, Any]:
@@ -279,7 +279,7 @@ def study_document() -> dict[str, Any]:
             "training": {"batchSize": 8, "budget": {"steps": STEPS}, "evalEvery": 10, "evalBatches": 2,
                          "device": device, "numThreads": 1},
             "distributed": {"procsPerNode": 2},
-            "axes": [{"field": "training.budget.steps", "values": [STEPS, 400]}],
+            "axes": [{"field": "training.budget.steps", "values": [STEPS, 600]}],
             "maxConcurrentTrials": 2,
             "maxRetries": 1,
             "output": f"s3://{BUCKET}/{NAMESPACE}/{STUDY}",
@@ -345,7 +345,7 @@ def scraped_study(tmp_path_factory) -> Iterator[ScrapedStudy]:
     stops: list[Any] = []  # called in reverse order
     prometheus: PrometheusServer | None = None
     try:
-        # The trial the trainer runs: the 30-step one of the study's plan.
+        # The trial the trainer runs: the shorter one of the study's plan, long enough to span several scrapes.
         document = study_document()
         trials = plan(ScalingStudy.model_validate(document))
         trial = next(item for item in trials if item.steps == STEPS)
