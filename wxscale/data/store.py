@@ -26,15 +26,16 @@ to name it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import zarr
 from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
@@ -133,6 +134,14 @@ def is_transient(error: BaseException) -> bool:
     return module.startswith(("aiohttp", "botocore", "aiobotocore", "urllib3", "http.client"))
 
 
+class _Staging:
+    """Chunk bytes fetched ahead by `ReliableStore.staged`, with the number of reads that still need each."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, tuple[Buffer, int]] = {}
+        self.lock = threading.Lock()
+
+
 class ReliableStore(WrapperStore):
     """A zarr store that retries transient failures, times requests out, rejects missing chunks and caches chunks."""
 
@@ -143,22 +152,66 @@ class ReliableStore(WrapperStore):
         label: str = "",
         cache: ChunkCache | None = None,
         counters: ReadCounters | None = None,
+        staging: _Staging | None = None,
     ):
         super().__init__(store)
         self.policy = policy or ReadPolicy()
         self.label = label or str(store)
         self.cache = cache
         self.counters = counters or ReadCounters()
+        self._staging = staging or _Staging()
 
     def _with_store(self, store: Any) -> ReliableStore:
-        return type(self)(store, self.policy, self.label, self.cache, self.counters)
+        return type(self)(store, self.policy, self.label, self.cache, self.counters, self._staging)
 
     def __repr__(self) -> str:
         return f"ReliableStore({self.label!r})"
 
+    @contextlib.contextmanager
+    def staged(self, keys: Sequence[str]) -> Iterator[None]:
+        """Fetch the whole chunks `keys` concurrently, and serve zarr's reads of them from memory inside the block.
+
+        zarr fetches the chunks of one array concurrently but reads the arrays of
+        a dataset one after the other. Staging the chunks of all arrays of a block
+        first makes the block's requests run together, as a batched `cat` would.
+        """
+        if not keys:
+            yield
+            return
+        prototype = default_buffer_prototype()
+
+        async def fetch_all() -> list[Buffer | None]:
+            return list(await asyncio.gather(*(self.get(key, prototype) for key in keys)))
+
+        fetched = sync(fetch_all())
+        staging = self._staging
+        with staging.lock:
+            for key, buffer in zip(keys, fetched):
+                if buffer is not None:
+                    previous = staging.buffers.get(key)
+                    staging.buffers[key] = (buffer, (previous[1] if previous else 0) + 1)
+        try:
+            yield
+        finally:
+            with staging.lock:
+                for key in keys:
+                    entry = staging.buffers.get(key)
+                    if entry is None:
+                        continue
+                    if entry[1] <= 1:
+                        del staging.buffers[key]
+                    else:
+                        staging.buffers[key] = (entry[0], entry[1] - 1)
+
     async def get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
     ) -> Buffer | None:
+        if byte_range is None:
+            with self._staging.lock:
+                entry = self._staging.buffers.get(key)
+            if entry is not None:
+                return entry[0]
+
         chunk = is_chunk_key(key)
         cacheable = self.cache is not None and chunk and byte_range is None
         if cacheable:
@@ -297,6 +350,25 @@ def _close_s3_client(fs: Any) -> None:
         sync(client.__aexit__(None, None, None))
     except (RuntimeError, OSError) as error:  # zarr's loop may be gone at interpreter exit
         logger.debug("closing the S3 client failed: %s", error)
+
+
+def time_chunk_keys(array: zarr.Array, time_axis: int, start: int, stop: int) -> list[str]:
+    """Return the keys of the chunks of `array` that hold time steps [start, stop), when they are whole time steps.
+
+    Returns [] for arrays chunked along another axis too, or sharded, whose reads
+    touch parts of stored objects; those are read by zarr as usual.
+    """
+    if array.shards is not None:
+        return []
+    if any(size < extent for axis, (size, extent) in enumerate(zip(array.chunks, array.shape)) if axis != time_axis):
+        return []
+    size = array.chunks[time_axis]
+    keys = []
+    for index in range(start // size, (max(stop, start + 1) - 1) // size + 1):
+        coords = [0] * array.ndim
+        coords[time_axis] = index
+        keys.append(f"{array.path}/{array.metadata.encode_chunk_key(tuple(coords))}")
+    return keys
 
 
 def _chunk_slices(array: zarr.Array, coords: tuple[int, ...]) -> tuple[slice, ...]:

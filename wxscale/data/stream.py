@@ -14,8 +14,9 @@ The streaming path, per epoch and rank:
    together, cut into batches and normalised.
 
 Memory: at most `prefetch` blocks are being read or wait in the queue, and
-`shuffleBlocks` blocks are being cut into batches. Blocks are sized so that
-prefetch + shuffleBlocks + 1 of them fit in `loader.memoryMB`.
+`shuffleBlocks` blocks are being cut into batches. A block being read also
+holds its fetched chunk bytes. Blocks are sized so that prefetch +
+shuffleBlocks + workers + 1 of them fit in `loader.memoryMB`.
 
 Normalisation statistics and the climatology come from the training period
 only. They are estimated from about `loader.statsSteps` of its time steps,
@@ -27,6 +28,7 @@ evaluation needs all of its fields at once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -39,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+import zarr
 
 from wxscale.data.blocks import (
     Block,
@@ -61,6 +64,7 @@ from wxscale.data.store import (
     ReadPolicy,
     find_corrupt_chunk,
     is_transient,
+    time_chunk_keys,
 )
 from wxscale.data.windows import WindowLayout, build_splits, to_timestamp
 from wxscale.errors import DataError
@@ -98,6 +102,7 @@ class StreamSource:
         self.longitudes = np.asarray(grid["lon"].values, dtype=np.float64)
 
         self._lock = threading.Lock()
+        self._arrays: dict[str, tuple[zarr.Array, int]] | None = None  # zarr array and time axis per variable
         self.decoded_bytes = 0  # float32 bytes read before coarsening
 
     @classmethod
@@ -175,13 +180,29 @@ class StreamSource:
     def _read_once(self, start: int, stop: int) -> np.ndarray:
         subset = self.dataset.isel(time=slice(start, stop))
         output = np.empty((stop - start, *self.shape), dtype=np.float32)
-        for v, name in enumerate(self.variables):
-            values = np.asarray(subset[name].values, dtype=np.float32)
-            output[:, v] = coarsen_values(values, self.factor)
+        store = self.raw.store
+        staging = store.staged(self._chunk_keys(start, stop)) if store is not None else contextlib.nullcontext()
+        with staging:
+            for v, name in enumerate(self.variables):
+                values = np.asarray(subset[name].values, dtype=np.float32)
+                output[:, v] = coarsen_values(values, self.factor)
         output[np.isinf(output)] = np.nan  # infinities count as missing, like NaN
         with self._lock:
             self.decoded_bytes += (stop - start) * self.step_bytes
         return output
+
+    def _chunk_keys(self, start: int, stop: int) -> list[str]:
+        """Return the zarr chunk keys of every variable in time steps [start, stop), for `ReliableStore.staged`."""
+        if self._arrays is None:
+            time_dim = time_dimension(self.raw.dataset)
+            self._arrays = {}
+            for name in self.variables:
+                array = zarr.open_array(self.raw.store, path=name, mode="r")
+                self._arrays[name] = (array, self.raw.dataset[name].dims.index(time_dim))
+        keys = []
+        for array, time_axis in self._arrays.values():
+            keys += time_chunk_keys(array, time_axis, start, stop)
+        return keys
 
     def _raise_decode_error(self, start: int, stop: int, error: Exception) -> None:
         store = self.raw.store
@@ -290,12 +311,13 @@ def plan_block_steps(source: StreamSource, layout: WindowLayout, loader: LoaderS
     """Return (block_steps, chunk_steps): steps per block read and per stored time chunk.
 
     A block is about `loader.blockMB` of whole chunks, and at most the share of
-    `loader.memoryMB` left for one of the prefetch + shuffleBlocks + 1 blocks in
-    memory, the halo steps included.
+    `loader.memoryMB` left for one of the prefetch + shuffleBlocks + workers + 1
+    blocks in memory, the halo steps included.
     """
     chunk_steps = source.time_chunk_steps()
     step_bytes = source.step_bytes
-    slots = loader.prefetch + loader.shuffle_blocks + 1
+    # Reads in flight hold their fetched chunk bytes and their decoded block at once.
+    slots = loader.prefetch + loader.shuffle_blocks + loader.workers + 1
     halo_bytes = (layout.span_back + layout.lead_steps) * step_bytes
     max_bytes = max(step_bytes, loader.memory_mb * 1e6 / slots - halo_bytes)
     block_steps = block_steps_for(chunk_steps, step_bytes, loader.block_mb * 1e6, max_bytes)
