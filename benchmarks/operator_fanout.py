@@ -45,7 +45,7 @@ class RequestCounter:
         self.counts: collections.Counter[str] = collections.Counter()
         self.jobs_created = 0
         self.last_job_created = 0.0
-        self.handler_seconds = 0.0  # time the emulator spent answering the counted requests, watches left out
+        self.handler_seconds = 0.0  # time the emulator spent handling the counted requests, watches left out
         self._lock = threading.Lock()
 
     def add(self, method: str, path: str, seconds: float) -> None:

@@ -216,8 +216,11 @@ def _estimate(value: float, samples: np.ndarray, confidence: float) -> Estimate:
 def interpolate_log_log(x: float | np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Interpolate y(x) linearly in (ln x, ln y), extrapolating along the end segments.
 
-    `xs` must be ascending and positive. One point gives a constant.
+    `xs` must be ascending and positive. One point gives a constant. Repeated xs are
+    averaged first, since a segment between equal xs has no slope.
     """
+    xs, inverse = np.unique(np.asarray(xs, dtype=float), return_inverse=True)
+    ys = np.bincount(inverse, weights=np.asarray(ys, dtype=float)) / np.bincount(inverse)
     log_xs, log_ys = np.log(xs), np.log(ys)
     log_x = np.log(np.asarray(x, dtype=float))
     if len(xs) == 1:

@@ -5,7 +5,7 @@ between zarr and the storage, so every read of xarray or zarr goes through it:
 
 - a request that fails with a transient error (connection reset, timeout, HTTP
   5xx) is retried `retries` times, after `backoff * 2**attempt` seconds (capped
-  at 30 s); each retry is logged with the key and the error;
+  at 30 s). Each retry is logged with the key and the error;
 - each request times out after `timeout_seconds`, and a timeout counts as
   transient;
 - a chunk key the store does not have raises MissingChunkError naming the key.

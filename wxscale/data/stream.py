@@ -6,7 +6,7 @@
 The streaming path, per epoch and rank:
 
 1. the training windows are grouped into blocks of whole time chunks of the
-   store (`wxscale.data.blocks`); the blocks are permuted by (seed, epoch) and
+   store (`wxscale.data.blocks`). The blocks are permuted by (seed, epoch), and
    each rank takes its share, so ranks own disjoint chunks;
 2. `Prefetcher` threads read the rank's blocks in that order, at most
    `loader.prefetch` blocks ahead of training (the bounded queue);
