@@ -98,3 +98,17 @@ def test_batch_must_divide_processes():
     study = ScalingStudy.model_validate(document)  # parse_study would raise on the axis problem
     _, problems = expand(study)
     assert any("spec.axes[0].values[1]" in p and "batchSize (15)" in p for p in problems)
+
+
+def test_lead_time_must_match_step():
+    from wxscale.errors import StudyError
+
+    document = minimal()
+    document["spec"]["data"]["leadTime"] = "5h"
+    with pytest.raises(StudyError) as caught:
+        plan(parse_study(document), grid_resolver=fixed_grid)
+    (problem,) = caught.value.problems
+    assert problem.startswith("spec.data.leadTime: '5h' (5 h) is not a multiple of the data step 6 h")
+
+    document["spec"]["data"]["leadTime"] = "12h"
+    assert len(plan(parse_study(document), grid_resolver=fixed_grid)) == 1

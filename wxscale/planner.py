@@ -272,6 +272,28 @@ def training_steps(config: TrialConfig, flops_per_sample: float) -> int:
     return max(1, math.ceil(budget.flops / (flops_per_sample * batch)))
 
 
+# Steps of 27.5 days and more are monthly means; the data layer matches their lead times to whole months.
+_MONTHLY_STEP_HOURS = 27.5 * 24
+
+
+def _check_lead_time(data: DataSpec, grid: GridInfo) -> None:
+    """Raise StudyError when the lead time is not a whole number of the data's time steps."""
+    from wxscale.errors import StudyError
+    from wxscale.spec import duration_hours
+
+    step = grid.step_hours
+    if not step or step >= _MONTHLY_STEP_HOURS:
+        return
+    lead = duration_hours(data.lead_time)
+    steps = lead / step
+    if abs(steps - round(steps)) > 1e-6 or round(steps) < 1:
+        multiples = ", ".join(f"'{step * k:g}h'" for k in (1, 2, 4))
+        raise StudyError("spec.data", [
+            f"spec.data.leadTime: {data.lead_time!r} ({lead:g} h) is not a multiple of the data step {step:g} h; "
+            f"use e.g. {multiples}"
+        ])
+
+
 def default_grid_resolver(data: DataSpec) -> GridInfo:
     from wxscale.data import grid_info
 
@@ -300,6 +322,7 @@ def plan(study: ScalingStudy, grid_resolver: Callable[[DataSpec], GridInfo] | No
         data_key = json.dumps(config.data.dump(), sort_keys=True)
         if data_key not in grids:
             grids[data_key] = resolver(config.data)
+            _check_lead_time(config.data, grids[data_key])
         grid = grids[data_key]
 
         n_vars = len(grid.variables)
