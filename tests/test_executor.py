@@ -116,7 +116,8 @@ def test_study_fails_past_failure_budget(tmp_path: Path):
     status = json.loads((out / "status.json").read_text())["status"]
     assert status["phase"] == "Failed"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
-    assert failed["status"] == "True" and failed["reason"] == "TooManyFailedTrials"
+    assert failed["status"] == "True"
+    assert failed["reason"] == "TooManyFailedTrials"
 
 
 def test_interrupt_keeps_finished_results(tmp_path: Path):
@@ -148,7 +149,8 @@ def test_interrupt_keeps_finished_results(tmp_path: Path):
     assert "Run the same command again to resume" in stderr
 
     (finished,) = results(out).values()
-    assert finished["state"] == "Succeeded" and finished["training"]["steps"] == 10
+    assert finished["state"] == "Succeeded"
+    assert finished["training"]["steps"] == 10
     status = json.loads((out / "status.json").read_text())["status"]
     assert status["trialsSucceeded"] == 1
     assert not any(p.name.startswith(".tmp-") for p in out.rglob("*"))

@@ -115,7 +115,8 @@ def test_bad_duration_message():
     document = minimal()
     document["spec"]["data"]["leadTime"] = "six hours"
     (problem,) = problems_of(document)
-    assert problem.startswith("spec.data.leadTime:") and "'6h'" in problem
+    assert problem.startswith("spec.data.leadTime:")
+    assert "'6h'" in problem
 
 
 def test_durations():

@@ -13,7 +13,7 @@ class WxscaleError(Exception):
 
 
 class StudyError(WxscaleError):
-    """A study file that does not validate. `problems` holds one line per error."""
+    """A study file that does not validate. `problems` contains one line per error."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source

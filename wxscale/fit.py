@@ -441,7 +441,7 @@ def _has_enough_points(columns: Sequence[np.ndarray]) -> bool:
 
 def _percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float | None, float | None]:
     # Identical refits mean every usable resample held the same distinct points (n = parameters + 1),
-    # so the spread says nothing about uncertainty: no interval rather than a zero-width one.
+    # so the spread carries no information about uncertainty: no interval rather than a zero-width one.
     if len(samples) < MIN_BOOTSTRAP_FITS or np.ptp(samples) == 0:
         return None, None
     tail = 50.0 * (1.0 - confidence)

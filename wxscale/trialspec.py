@@ -11,7 +11,7 @@ from wxscale.spec import API_VERSION, TrialConfig
 
 @dataclass
 class TrialSpec:
-    """One trial as the trainer sees it: identity, config and the resolved step count."""
+    """One trial as the trainer reads it: identity, config and the resolved step count."""
 
     study: str
     trial: str

@@ -1,7 +1,7 @@
 """Trainer entry point: `python -m wxscale_trainer --trial URL --output URL`.
 
 This is the command every trial runs, locally under torchrun and in a
-PyTorchJob pod alike; torchrun and the Kubeflow training operator both set
+PyTorchJob pod alike. Both torchrun and the Kubeflow training operator set
 RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Rank 0 writes the result record
 to `OUTPUT/trials/<trial>/result.json`; a failure writes a record with
 state Failed and the error, then exits non-zero. With --metrics-port every

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process sits in the trial: rank, world size and device."""
+    """Position of this process in the trial: rank, world size and device."""
 
     rank: int
     local_rank: int
