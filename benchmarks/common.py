@@ -169,3 +169,42 @@ def format_table(results: list[Result]) -> str:
         lines.append(f"| {row.benchmark} | {row.metric} | {format_number(row.value, row.unit)} | {reference} | "
                      f"{ratio} | {row.goal or ''} | {met} | {row.note} |")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class QuickstartModel:
+    """One distinct model of the quickstart study, with the shapes and CPU threads its trials train with."""
+
+    spec: Any  # wxscale.spec.ModelSpec
+    grid: tuple[int, int]
+    in_channels: int
+    out_channels: int
+    batch: int
+    threads: int
+
+    @property
+    def label(self) -> str:
+        return f"depth {self.spec.depth}, heads {self.spec.heads}, width {self.spec.embed_dim}"
+
+
+def quickstart_models() -> list[QuickstartModel]:
+    """Plan examples/quickstart.yaml and return its distinct models, smallest first.
+
+    `threads` is what `wxscale run` gives each trial on this machine: the cores
+    divided by the trials that run at once (spec.maxConcurrentTrials).
+    """
+    from pathlib import Path
+
+    from wxscale.planner import plan
+    from wxscale.study import load_study
+
+    study = load_study(Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml")
+    models: dict[str, QuickstartModel] = {}
+    for trial in plan(study):
+        config = trial.config
+        variables = len(trial.variables)
+        threads = max(1, (os.cpu_count() or 1) // (study.spec.max_concurrent_trials * config.distributed.world_size))
+        models.setdefault(config.model.model_dump_json(), QuickstartModel(
+            spec=config.model, grid=tuple(trial.grid), in_channels=config.data.history * variables,
+            out_channels=variables, batch=config.training.batch_size, threads=threads))
+    return sorted(models.values(), key=lambda model: model.spec.depth * model.spec.embed_dim**2)

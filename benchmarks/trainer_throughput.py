@@ -1,50 +1,80 @@
 """Trainer: training samples/s of WeatherViT against the same architecture in plain PyTorch, and FLOP/s against matmul.
 
-Both models train on the same random batches with the same loss and AdamW,
-in one process, in rounds where they take turns going first, so load changes
-on the machine hit both alike. The reference's samples/s is WeatherViT's
-divided by the median of the per-round speed ratios. The reference is written with `nn.TransformerEncoder` and has the
-same shapes: patch embedding by convolution, learned position embedding,
-pre-norm blocks with GELU MLPs, final LayerNorm, linear head, un-patchify and
-the residual connection to the last input step. Goal: WeatherViT no slower
-(ratio >= 1; a ratio within the rounds' spread counts as equal only in the note).
+Both models train on the same random batches with the same loss, in one
+process, in rounds where they take turns going first, so load changes on the
+machine hit both alike. WeatherViT steps with the trainer's optimizer
+(`wxscale_trainer.optimizer.build_optimizer`, fused AdamW); the reference with
+`torch.optim.AdamW` as a user would write it. The reference's samples/s is
+WeatherViT's divided by the median of the per-round speed ratios. The
+reference is written with `nn.TransformerEncoder` and has the same shapes:
+patch embedding by convolution, learned position embedding, pre-norm blocks
+with GELU MLPs, final LayerNorm, linear head, un-patchify and the residual
+connection to the last input step. Goal: WeatherViT no slower (ratio >= 1).
 
 Achieved FLOP/s is samples/s times the analytic training FLOPs per sample
 (`wxscale.flops.model_cost`), divided by the measured rate of a 1024 x 1024
 float32 matmul in the same process with the same threads. Goal on CPU: at
-least half of it for the largest model of the quickstart study.
+least half of it for the largest model of the quickstart study, which is read
+from examples/quickstart.yaml and measured with the batch size and CPU threads
+that `wxscale run` gives its trials on this machine. The note of that row
+gives the share of the step spent in attention and the FLOP rate of PyTorch's
+fused attention at the model's shapes. With small heads, attention is the part
+of the step that runs furthest below the matmul rate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import Result, result
+from benchmarks.common import QuickstartModel, Result, quickstart_models, result
 from wxscale.flops import model_cost
 from wxscale.model import WeatherViT, mlp_hidden_dim, token_grid
-from wxscale.spec import ModelSpec
+from wxscale.spec import ModelSpec, OptimizerSpec
+from wxscale_trainer.optimizer import build_optimizer
 
 NAME = "trainer"
 
-# (label, model, batch) measured per mode. The quickstart's largest model: depth 8, heads 8, width 64.
-QUICKSTART_LARGEST = ModelSpec(patch_size=4, depth=8, heads=8, embed_dim=64)
+# A wider model on the quickstart's grid, where matmuls dominate the step.
 WIDE = ModelSpec(patch_size=4, depth=4, heads=4, embed_dim=256)
-GRID = (32, 64)
-IN_CHANNELS, OUT_CHANNELS = 2, 1  # history 2 of one variable, as in the quickstart
-CONFIGS = {
-    "tiny": [("quickstart largest (depth 8, width 64)", ModelSpec(patch_size=8, depth=2, heads=2, embed_dim=32), 4)],
-    "quick": [("quickstart largest (depth 8, width 64)", QUICKSTART_LARGEST, 16)],
-    "full": [("quickstart largest (depth 8, width 64)", QUICKSTART_LARGEST, 16),
-             ("wide (depth 4, width 256)", WIDE, 16)],
-}
+TINY = ModelSpec(patch_size=8, depth=2, heads=2, embed_dim=32)
 ROUNDS = {"tiny": 1, "quick": 6, "full": 12}
 STEPS_PER_ROUND = {"tiny": 2, "quick": 3, "full": 4}
+
+
+def configurations(mode: str) -> list[tuple[str, QuickstartModel, bool]]:
+    """Return (label, model, whether the goal applies) for `mode`; every mode measures the quickstart's largest model."""
+    largest = quickstart_models()[-1]
+    if mode == "tiny":
+        return [("tiny model", QuickstartModel(TINY, largest.grid, largest.in_channels, largest.out_channels, 4,
+                                               largest.threads), False)]
+    rows = [(f"quickstart largest ({largest.label}), {largest.threads} thread(s) as in `wxscale run`", largest, True)]
+    cores = torch.get_num_threads()
+    if mode == "full" and cores != largest.threads:
+        rows.append((f"quickstart largest ({largest.label}), {cores} threads", QuickstartModel(
+            largest.spec, largest.grid, largest.in_channels, largest.out_channels, largest.batch, cores), False))
+    if mode == "full":
+        wide = QuickstartModel(WIDE, largest.grid, largest.in_channels, largest.out_channels, 16, cores)
+        rows.append((f"wide (depth 4, width 256), {cores} threads", wide, False))
+    return rows
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with `threads` intra-op threads, then restore the previous number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class ReferenceViT(nn.Module):
@@ -103,52 +133,90 @@ def matmul_rate(size: int = 1024, seconds: float = 0.3) -> float:
     return best
 
 
-def compare(label: str, spec: ModelSpec, batch: int, rounds: int, steps: int) -> list[Result]:
+def attention_seconds(model: QuickstartModel, repeats: int = 5) -> tuple[float, float]:
+    """Time PyTorch's fused attention, forward and backward, at the model's shapes for all its blocks.
+
+    Returns (seconds per training step, FLOPs per training step). The FLOPs are
+    those of the analytic model: 2 * tokens**2 * width per product, QK^T and AV
+    forward, twice each backward.
+    """
+    spec = model.spec
+    rows, cols = token_grid(model.grid, spec.patch_size)
+    tokens, head_dim = rows * cols, spec.embed_dim // spec.heads
+    qkv = torch.randn(model.batch, tokens, 3, spec.heads, head_dim, requires_grad=True)
+
+    def one_pass() -> None:
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # the layout WeatherViT's attention uses
+        F.scaled_dot_product_attention(query, key, value).sum().backward()
+
+    one_pass()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        one_pass()
+    seconds = (time.perf_counter() - began) / repeats * spec.depth
+    flops = 3 * 2 * (2 * tokens**2 * spec.embed_dim) * model.batch * spec.depth
+    return seconds, flops
+
+
+def compare(label: str, model: QuickstartModel, goal: bool, rounds: int, steps: int) -> list[Result]:
+    with torch_threads(model.threads):
+        return _compare(label, model, goal, rounds, steps)
+
+
+def _compare(label: str, model: QuickstartModel, goal: bool, rounds: int, steps: int) -> list[Result]:
+    spec, batch = model.spec, model.batch
     torch.manual_seed(0)
-    ours = WeatherViT(spec, grid=GRID, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS)
-    reference = ReferenceViT(spec, GRID, IN_CHANNELS, OUT_CHANNELS)
+    ours = WeatherViT(spec, grid=model.grid, in_channels=model.in_channels, out_channels=model.out_channels)
+    reference = ReferenceViT(spec, model.grid, model.in_channels, model.out_channels)
     ours_parameters = sum(p.numel() for p in ours.parameters())
     reference_parameters = sum(p.numel() for p in reference.parameters())
     if ours_parameters != reference_parameters:
         raise AssertionError(f"parameter counts differ: {ours_parameters} and {reference_parameters}")
-    x = torch.randn(batch, IN_CHANNELS, *GRID)
-    y = torch.randn(batch, OUT_CHANNELS, *GRID)
-    optimizers = {id(model): torch.optim.AdamW(model.parameters(), lr=1e-4) for model in (ours, reference)}
+    x = torch.randn(batch, model.in_channels, *model.grid)
+    y = torch.randn(batch, model.out_channels, *model.grid)
+    optimizers = {id(ours): build_optimizer(ours.parameters(), OptimizerSpec(lr=1e-4)),
+                  id(reference): torch.optim.AdamW(reference.parameters(), lr=1e-4)}
 
     # Warm-up, then rounds in which the two models take turns going first; the matmul rate is measured in
     # every round too. The speed ratio is the median of the per-round ratios, so a burst of load on the
     # machine during one round moves one ratio, not the result.
-    for model in (ours, reference):
-        train_steps(model, optimizers[id(model)], x, y, 2)
-    ours_times, reference_times, rates = [], [], []
+    for network in (ours, reference):
+        train_steps(network, optimizers[id(network)], x, y, 2)
+    ours_times, reference_times, rates, attention_times = [], [], [], []
     for index in range(rounds):
         order = (ours, reference) if index % 2 == 0 else (reference, ours)
-        seconds = {id(model): train_steps(model, optimizers[id(model)], x, y, steps) for model in order}
+        seconds = {id(network): train_steps(network, optimizers[id(network)], x, y, steps) for network in order}
         ours_times.append(seconds[id(ours)])
         reference_times.append(seconds[id(reference)])
         rates.append(matmul_rate())
+        attention_times.append(attention_seconds(model)[0])
 
-    ours_rate = batch / statistics.median(ours_times)
+    step_seconds = statistics.median(ours_times)
+    ours_rate = batch / step_seconds
     ratio = statistics.median(theirs / own for theirs, own in zip(reference_times, ours_times))
     reference_rate = ours_rate / ratio
-    spread = (max(ours_times) - min(ours_times)) / statistics.median(ours_times) if rounds > 1 else math.nan
-    flops = model_cost(spec, GRID, IN_CHANNELS, OUT_CHANNELS).flops_per_sample
+    spread = (max(ours_times) - min(ours_times)) / step_seconds if rounds > 1 else math.nan
+    flops = model_cost(spec, model.grid, model.in_channels, model.out_channels).flops_per_sample
     achieved = ours_rate * flops
     matmul = statistics.median(rates)
-    threads = torch.get_num_threads()
+    attention = statistics.median(attention_times)
+    attention_flops = attention_seconds(model, repeats=1)[1]
+    threads = model.threads
     return [
         result(NAME, f"samples/s, {label}", ours_rate, "samples/s", "nn.TransformerEncoder reference",
                reference_rate, ">= 1", f"batch {batch}, {ours_parameters:,} parameters, median of {rounds} paired "
                f"rounds of {steps} steps; round-to-round spread of WeatherViT {spread:.0%}"),
-        result(NAME, f"achieved FLOP/s, {label}", achieved, "FLOP/s", f"fp32 1024^3 matmul, {threads} threads",
-               matmul, ">= 0.5" if spec == QUICKSTART_LARGEST else None,
-               f"{flops:.3g} training FLOPs per sample (analytic)"),
+        result(NAME, f"achieved FLOP/s, {label}", achieved, "FLOP/s", f"fp32 1024^3 matmul, {threads} thread(s)",
+               matmul, ">= 0.5" if goal else None,
+               f"{flops:.3g} training FLOPs per sample (analytic); attention (fused SDPA, forward and backward, "
+               f"head size {spec.embed_dim // spec.heads}) takes {attention / step_seconds:.0%} of the step and "
+               f"runs at {attention_flops / attention / matmul:.2f} of the matmul rate"),
     ]
 
 
 def run(mode: str = "quick") -> list[Result]:
     """Run the trainer benchmarks of `mode` ('tiny', 'quick' or 'full')."""
     results: list[Result] = []
-    for label, spec, batch in CONFIGS[mode]:
-        results += compare(label if mode != "tiny" else "tiny model", spec, batch, ROUNDS[mode], STEPS_PER_ROUND[mode])
+    for label, model, goal in configurations(mode):
+        results += compare(label, model, goal, ROUNDS[mode], STEPS_PER_ROUND[mode])
     return results

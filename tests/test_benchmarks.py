@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -51,3 +52,20 @@ def test_suite_command_prints_table_and_json(tmp_path: Path, capsys):
     assert {row["benchmark"] for row in written["results"]} == {"flops", "fit"}
     assert written["machine"]["cores"] >= 1
     assert written["failures"] == {}
+
+
+def test_quickstart_models_cover_plan():
+    from benchmarks.common import quickstart_models
+    from wxscale.planner import plan
+    from wxscale.study import load_study
+
+    study = load_study(REPO / "examples" / "quickstart.yaml")
+    planned = {trial.config.model.model_dump_json() for trial in plan(study)}
+    models = quickstart_models()
+
+    assert {model.spec.model_dump_json() for model in models} == planned
+    sizes = [model.spec.depth * model.spec.embed_dim**2 for model in models]
+    assert sizes == sorted(sizes)
+    for model in models:
+        assert model.batch == study.spec.training.batch_size
+        assert model.threads == max(1, (os.cpu_count() or 1) // study.spec.max_concurrent_trials)

@@ -53,10 +53,11 @@ def _worker(out_path: str) -> None:
 
     from wxscale.metrics import latitude_weighted_mse_loss
     from wxscale.model import WeatherViT
-    from wxscale.spec import CheckpointSpec, ModelSpec, TrialConfig
+    from wxscale.spec import CheckpointSpec, ModelSpec, OptimizerSpec, TrialConfig
     from wxscale.storage import Location
     from wxscale_trainer.checkpoint import Checkpointer
     from wxscale_trainer.distributed import CommunicationMeter, build_strategy
+    from wxscale_trainer.optimizer import build_optimizer
     from wxscale_trainer.runtime import init_runtime, shutdown
 
     runtime = init_runtime("cpu", num_threads=1)
@@ -99,7 +100,8 @@ def _worker(out_path: str) -> None:
         meter = CommunicationMeter()
         strategy = build_strategy(new_model(), config_for(layout), runtime, meter, contextlib.nullcontext,
                                   loss_function)
-        optimizer = torch.optim.AdamW(strategy.module.parameters(), lr=1e-2)
+        # The trainer's optimizer (fused AdamW on CPU), also over DTensor shards and pipeline stages.
+        optimizer = build_optimizer(strategy.module.parameters(), OptimizerSpec(lr=1e-2))
         return strategy, optimizer, meter
 
     def share(tensor: torch.Tensor, data_parallel: bool) -> torch.Tensor:
@@ -138,7 +140,7 @@ def _worker(out_path: str) -> None:
     for case, layout in CASES.items():
         data_parallel = layout["strategy"] != "pipeline"
         reference = new_model()
-        reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        reference_optimizer = build_optimizer(reference.parameters(), OptimizerSpec(lr=1e-2))
         strategy, optimizer, meter = new_strategy(layout)
         checkpointer = Checkpointer(Location(f"{folder[0]}/{case}"), CheckpointSpec(), runtime)
         entry: dict[str, Any] = {"loss": [], "referenceLoss": [], "gradientDifference": []}

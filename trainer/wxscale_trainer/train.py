@@ -35,6 +35,7 @@ from wxscale_trainer.distributed.efficiency import (
     step_time_breakdown,
 )
 from wxscale_trainer.evaluate import evaluate_test, inference_latency, mean_loss
+from wxscale_trainer.optimizer import build_optimizer
 from wxscale_trainer.runtime import Runtime, peak_rss_bytes
 from wxscale_trainer.schedule import lr_multiplier
 from wxscale_trainer.telemetry import Telemetry
@@ -145,9 +146,7 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
     strategy = build_strategy(model, config, runtime, meter, autocast,
                               lambda prediction, target, mask: latitude_weighted_mse_loss(prediction, target,
                                                                                            weights, mask))
-    optimizer = torch.optim.AdamW(strategy.module.parameters(), lr=training.optimizer.lr,
-                                  betas=(training.optimizer.beta1, training.optimizer.beta2),
-                                  weight_decay=training.optimizer.weight_decay)
+    optimizer = build_optimizer(strategy.module.parameters(), training.optimizer)
 
     logger.info("trial %s: %d params (%d non-embedding), grid %s, %d train / %d val / %d test samples, %d steps, "
                 "%.3g FLOPs per sample", trial.trial, cost.params, cost.non_embedding_params, grid,
