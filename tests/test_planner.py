@@ -112,3 +112,39 @@ def test_lead_time_must_match_step():
 
     document["spec"]["data"]["leadTime"] = "12h"
     assert len(plan(parse_study(document), grid_resolver=fixed_grid)) == 1
+
+
+def _grid_spanning(first: str, last: str):
+    from datetime import datetime
+
+    def resolve(_data) -> GridInfo:
+        return GridInfo(32, 64, ("tracer",), 6.0, time_start=datetime.fromisoformat(first),
+                        time_end=datetime.fromisoformat(last))
+
+    return resolve
+
+
+def test_split_outside_data_warns(caplog):
+    document = minimal()
+    with caplog.at_level("WARNING", logger="wxscale.planner"):
+        plan(parse_study(document), grid_resolver=_grid_spanning("2000-01-01T00:00", "2000-10-31T18:00"))
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("spec.data.test: 2000-09-01 00:00..2000-12-31 00:00 reaches outside the data")
+    assert "2000-01-01 00:00..2000-10-31 18:00" in warnings[0]
+
+
+def test_split_inside_data_silent(caplog):
+    with caplog.at_level("WARNING", logger="wxscale.planner"):
+        plan(parse_study(minimal()), grid_resolver=_grid_spanning("2000-01-01T00:00", "2000-12-31T18:00"))
+    assert [record for record in caplog.records if record.levelname == "WARNING"] == []
+
+
+def test_train_coverage_inside_data_silent(caplog):
+    document = minimal()
+    # Training ends after the data does, but its one month of temporal coverage lies inside the data.
+    document["spec"]["data"]["temporalCoverage"] = "1mo"
+    with caplog.at_level("WARNING", logger="wxscale.planner"):
+        plan(parse_study(document), grid_resolver=_grid_spanning("2000-01-01T00:00", "2000-03-31T18:00"))
+    warned = [record.getMessage().split(":")[0] for record in caplog.records if record.levelname == "WARNING"]
+    assert warned == ["spec.data.validation", "spec.data.test"]

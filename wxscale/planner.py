@@ -12,15 +12,23 @@ import copy
 import hashlib
 import itertools
 import json
+import logging
 import math
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Callable
 
+import pandas as pd
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from wxscale.errors import describe_validation_error
-from wxscale.spec import Axis, DataSpec, ScalingStudy, TrialConfig
+from wxscale.spec import Axis, DataSpec, ScalingStudy, TrialConfig, add_duration
+
+logger = logging.getLogger(__name__)
+
+# Split warnings already logged by this process, so that re-planning a study does not repeat them.
+_warned_splits: set[str] = set()
 
 _SECTIONS = ("data", "model", "training", "distributed")
 
@@ -33,6 +41,9 @@ class GridInfo:
     n_lon: int
     variables: tuple[str, ...]
     step_hours: float
+    # First and last time step of the data, when the resolver read them.
+    time_start: datetime | None = None
+    time_end: datetime | None = None
 
 
 @dataclass
@@ -294,6 +305,33 @@ def _check_lead_time(data: DataSpec, grid: GridInfo) -> None:
         ])
 
 
+def _warn_partial_coverage(data: DataSpec, grid: GridInfo) -> None:
+    """Log a warning for each split whose date range reaches outside the data's time span.
+
+    Such a split is cut to the part the data covers, which changes the number of
+    samples, and for train the data a dataset fraction draws from.
+    """
+    if grid.time_start is None or grid.time_end is None:
+        return
+    first, last = pd.Timestamp(grid.time_start), pd.Timestamp(grid.time_end)
+    for split in ("train", "validation", "test"):
+        period = getattr(data, split)
+        start, end = pd.Timestamp(period.start), pd.Timestamp(period.end)
+        if split == "train" and data.temporal_coverage is not None:
+            # Training data ends where the temporal coverage ends, if that comes first.
+            end = min(end, add_duration(start, data.temporal_coverage) - pd.Timedelta(1, "ns"))
+        if start >= first and end <= last:
+            continue
+        key = f"{split} {start} {end} {first} {last}"
+        if key in _warned_splits:
+            continue
+        _warned_splits.add(key)
+        logger.warning("spec.data.%s: %s..%s reaches outside the data, which covers %s..%s; the split uses only "
+                       "the covered part. Set spec.data.%s inside the data's span to silence this warning",
+                       split, f"{start:%Y-%m-%d %H:%M}", f"{end:%Y-%m-%d %H:%M}", f"{first:%Y-%m-%d %H:%M}",
+                       f"{last:%Y-%m-%d %H:%M}", split)
+
+
 def default_grid_resolver(data: DataSpec) -> GridInfo:
     from wxscale.data import grid_info
 
@@ -323,6 +361,7 @@ def plan(study: ScalingStudy, grid_resolver: Callable[[DataSpec], GridInfo] | No
         if data_key not in grids:
             grids[data_key] = resolver(config.data)
             _check_lead_time(config.data, grids[data_key])
+            _warn_partial_coverage(config.data, grids[data_key])
         grid = grids[data_key]
 
         n_vars = len(grid.variables)

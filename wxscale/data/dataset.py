@@ -372,4 +372,5 @@ def grid_info(data: DataSpec) -> GridInfo:
     grid = xr.Dataset(coords={"lat": ("lat", latitudes), "lon": ("lon", longitudes)})
     grid = coarsen(crop_region(grid, data.region), data.coarsen)
     step = infer_step(times, source)
-    return GridInfo(n_lat=grid.sizes["lat"], n_lon=grid.sizes["lon"], variables=tuple(variables), step_hours=step.hours)
+    return GridInfo(n_lat=grid.sizes["lat"], n_lon=grid.sizes["lon"], variables=tuple(variables), step_hours=step.hours,
+                    time_start=times[0].to_pydatetime(), time_end=times[-1].to_pydatetime())
