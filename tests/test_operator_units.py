@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from pathlib import Path
@@ -16,12 +17,16 @@ from wxscale.crd import to_json_schema
 from wxscale.planner import GridInfo, Trial, plan
 from wxscale.spec import ClusterSpec, ScalingStudy
 from wxscale.status import build_status
+from wxscale.storage import Location
+from wxscale_operator.config import OperatorConfig
+from wxscale_operator.kube import ApiError
 from wxscale_operator.jobs import (
     JobTarget, cpu_cores, gpus_per_replica, job_failure_message, job_phase, job_seconds, pytorchjob_manifest,
 )
 from wxscale_operator.naming import MAX_JOB_NAME, is_dns_label, job_name
-from wxscale_operator.reconcile import event_manifest, spec_fingerprint, status_patch
-from wxscale_operator.trials import Limits, decide
+from wxscale_operator.reconcile import (Reconciler, created_event_message, event_manifest, index_ranges,
+                                        spec_fingerprint, status_patch)
+from wxscale_operator.trials import Creation, Limits, decide
 
 KUBERNETES_VERSION = "1.30.0"
 UID = "5f0c6a8e-4a8e-4a43-9d55-0d3b4c2f1a00"
@@ -401,6 +406,150 @@ def test_status_patch_skips_unchanged_and_deletes_removed_fields():
     assert status_patch(old, {**old, "bestTestRMSE": None, "updatedAt": "2026-01-01T00:03:00Z"}) is None
     patch = status_patch(old, {"phase": "Succeeded", "updatedAt": "2026-01-01T00:02:00Z"})
     assert patch == {"phase": "Succeeded", "updatedAt": "2026-01-01T00:02:00Z", "fittedExponent": None}
+
+
+def test_status_patch_sends_only_changed_members():
+    active = [{"trial": f"t-{i:010x}", "job": f"unit-{i:010x}", "attempt": 0} for i in range(1000)]
+    old = {"phase": "Running", "updatedAt": "2026-01-01T00:00:00Z", "active": active,
+           "trials": {"total": 1000, "running": 1000, "succeeded": 0}, "budget": {"flopsSpent": 0.0, "note": "x"}}
+    new = copy.deepcopy(old)
+    new.update(updatedAt="2026-01-01T00:01:00Z", trials={"total": 1000, "running": 999, "succeeded": 1},
+               budget={"flopsSpent": 5.0})
+    patch = status_patch(old, new)
+    assert patch == {"trials": {"running": 999, "succeeded": 1}, "budget": {"flopsSpent": 5.0, "note": None},
+                     "updatedAt": "2026-01-01T00:01:00Z"}
+    new["active"] = active[1:]
+    assert status_patch(old, new)["active"] == active[1:]  # a merge patch replaces a list whole
+
+
+def test_index_ranges():
+    assert index_ranges([7, 0, 1, 2, 5, 8, 2]) == "0-2, 5, 7-8"
+    assert index_ranges([3]) == "3"
+    assert index_ranges([]) == ""
+
+
+def test_created_event_names_count_and_trials(trials):
+    one = created_event_message([(trials[0], "unit-a")])
+    assert one == f"created PyTorchJob unit-a for trial {trials[0].id} (1 node(s) x 1 process(es))"
+
+    many = created_event_message([(trials[2], "unit-c"), (trials[0], "unit-a"), (trials[1], "unit-b")])
+    assert many.startswith("created 3 PyTorchJobs for the trials with plan index 0-2: ")
+    assert many.index("unit-a") < many.index("unit-b") < many.index("unit-c")
+    assert trials[0].id in many
+
+
+def test_created_event_fits_the_message_limit(many_trials):
+    created = [(many_trials[i % len(many_trials)], f"unit-job-{i:04d}") for i in range(1000)]
+    message = created_event_message(created)
+    assert len(message) <= 1024
+    assert message.startswith("created 1000 PyTorchJobs for the trials with plan index 0-19: ")
+    listed = message.count("unit-job-")
+    assert listed > 5
+    assert message.endswith(f", and {1000 - listed} more")
+
+
+def test_created_event_shortens_scattered_indices(many_trials):
+    scattered = [trial for trial in many_trials if trial.index % 2 == 0]
+    created = [(trial, f"unit-{trial.index}") for trial in scattered]
+    message = created_event_message(created)
+    assert "plan index 0, 2, 4, 6" in message
+    assert "unit-0 (" in message
+
+    class Spread:  # a trial stand-in with a large plan index, for indices that need many characters
+        def __init__(self, index: int):
+            self.index, self.id = index, f"t-{index:010x}"
+
+    wide = [(Spread(index), f"unit-{index}") for index in range(0, 4000, 2)]
+    message = created_event_message(wide)
+    assert len(message) <= 1024
+    assert ", ...: " in message
+    assert "unit-0 (t-0000000000)" in message
+    assert message.endswith(f"and {2000 - message.count('unit-')} more")
+
+
+class RecordingClient:
+    """An API client stand-in that records creates: the most in flight at once, names, and 409s for `existing`."""
+
+    def __init__(self, existing: set[str] = frozenset(), failing: set[str] = frozenset()):
+        self.existing, self.failing = set(existing), set(failing)
+        self.in_flight = self.max_in_flight = 0
+        self.created: list[str] = []
+        self.events: list[dict[str, Any]] = []
+
+    async def create(self, resource: Any, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        if body["kind"] == "Event":
+            self.events.append(body)
+            return body
+        name = body["metadata"]["name"]
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)
+            if name in self.failing:
+                raise ApiError(500, "InternalError", "etcd timeout", "POST", "/pytorchjobs")
+            if name in self.existing:
+                raise ApiError(409, "AlreadyExists", f"{name} exists", "POST", "/pytorchjobs")
+            self.created.append(name)
+            return body
+        finally:
+            self.in_flight -= 1
+
+    async def close(self) -> None:
+        pass
+
+
+def create_jobs(client: RecordingClient, trials: list[Trial], tmp_path: Path, limit: int) -> None:
+    """Run the creation step of one pass for `trials` against `client`, writing trial files under tmp_path."""
+    study = make_study()
+    reconciler = Reconciler(client=client, config=OperatorConfig(create_concurrency=limit))
+    body = {"apiVersion": "wxscale.io/v1alpha1", "kind": "ScalingStudy",
+            "metadata": {"name": "unit", "namespace": "research", "uid": UID}, "spec": {}}
+
+    async def run() -> None:
+        try:
+            await reconciler._create_jobs(body, study, TARGET, Location(tmp_path), [Creation(t, 0) for t in trials])
+        finally:
+            await reconciler.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def many_trials() -> list[Trial]:
+    return plan_study(make_study(axes=[{"field": "training.seed", "values": list(range(20))}]))
+
+
+def test_job_creation_respects_concurrency_limit(many_trials, tmp_path):
+    client = RecordingClient()
+    create_jobs(client, many_trials, tmp_path, limit=3)
+    assert client.max_in_flight == 3
+    assert sorted(client.created) == sorted(job_name("unit", t.id) for t in many_trials)
+    assert len(client.events) == 1
+    assert client.events[0]["reason"] == "TrialCreated"
+    assert client.events[0]["message"].startswith("created 20 PyTorchJobs for the trials with plan index 0-19")
+    for trial in many_trials:
+        assert (tmp_path / "trials" / trial.id / "trial.json").exists()
+
+
+def test_job_creation_treats_conflict_as_existing(many_trials, tmp_path):
+    existing = {job_name("unit", t.id) for t in many_trials[:8]}
+    client = RecordingClient(existing=existing)
+    create_jobs(client, many_trials, tmp_path, limit=4)
+    assert set(client.created) == {job_name("unit", t.id) for t in many_trials[8:]}
+    assert len(client.created) == 12
+    assert client.events[0]["message"].startswith("created 12 PyTorchJobs for the trials with plan index 8-19")
+
+
+def test_job_creation_stops_after_a_failure(many_trials, tmp_path):
+    failing = {job_name("unit", many_trials[1].id)}
+    client = RecordingClient(failing=failing)
+    with pytest.raises(ApiError, match="etcd timeout"):
+        create_jobs(client, many_trials, tmp_path, limit=2)
+    # After the failure only the creation already in flight finishes, and no other starts.
+    assert len(client.created) < len(many_trials) - 1
+    assert len(client.created) <= 3
+    assert len(client.events) == 1  # the jobs created before the failure are reported
+    assert client.events[0]["message"].count("unit-") == len(client.created)
 
 
 def test_spec_fingerprint_tracks_only_data_and_model():

@@ -16,6 +16,14 @@ class OperatorConfig:
     fit_bootstrap: int = 200  # bootstrap resamples of the scaling-law fits (wxscale.fit)
     backoff_seconds: float = 10.0  # first wait after a failed reconcile; doubles per failure
     max_backoff_seconds: float = 300.0
+    # PyTorchJobs (with their trial files) created, or deleted, at the same time within one reconcile pass.
+    # 16 stays far below kube-apiserver's default --max-mutating-requests-inflight of 200.
+    create_concurrency: int = 16
     metrics_port: int = 9090
     liveness_port: int = 8080
     bind_address: str = "0.0.0.0"
+
+    def __post_init__(self) -> None:
+        if self.create_concurrency < 1:
+            raise ValueError(f"create_concurrency must be at least 1, got {self.create_concurrency}: "
+                             "set --create-concurrency to 1 or more")

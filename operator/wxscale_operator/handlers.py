@@ -69,13 +69,13 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig,
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
-        """Stop the resync loop and close the API client."""
+        """Stop the resync loop, close the API client and stop the storage threads."""
         task = background.pop("resync", None)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await reconciler.client.close()
+        await reconciler.close()
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)

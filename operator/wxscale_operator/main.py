@@ -27,6 +27,17 @@ from wxscale_operator.handlers import register
 logger = logging.getLogger("wxscale_operator")
 
 
+def positive_int(text: str) -> int:
+    """Parse an integer of at least 1 for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}: use a whole number such as 16") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: use 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wxscale-operator",
                                      description="Run ScalingStudy trials as Kubeflow PyTorchJobs.")
@@ -41,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output root for studies without spec.output; a study writes to ROOT/NAMESPACE/NAME")
     parser.add_argument("--resync-seconds", type=float, default=30.0,
                         help="seconds between periodic reconciles of each study (default 30)")
+    parser.add_argument("--create-concurrency", type=positive_int, default=16,
+                        help="PyTorchJobs a reconcile pass creates or deletes at the same time, each with its "
+                             "trial file in S3 (default 16)")
     parser.add_argument("--fit-bootstrap", type=int, default=200,
                         help="bootstrap resamples for the scaling-law fit intervals (default 200)")
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (default 9090)")
@@ -59,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         default_output=args.default_output,
         resync_seconds=args.resync_seconds,
         fit_bootstrap=args.fit_bootstrap,
+        create_concurrency=args.create_concurrency,
         metrics_port=args.metrics_port,
         liveness_port=args.liveness_port,
         bind_address=args.bind_address,

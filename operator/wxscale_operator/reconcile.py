@@ -19,8 +19,9 @@ import json
 import logging
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from pydantic import ValidationError
 
@@ -38,6 +39,11 @@ from wxscale_operator.naming import MANAGED_BY, STUDY_LABEL, job_name
 from wxscale_operator.trials import Creation, Decision, Failure, Limits, decide
 
 logger = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+
+# The API server rejects Event messages longer than 1 KiB.
+MAX_EVENT_MESSAGE = 1024
 
 # Status fields compared to decide whether a status patch is needed (updatedAt always changes).
 _VOLATILE_STATUS_FIELDS = ("updatedAt",)
@@ -72,8 +78,7 @@ def event_manifest(study: dict[str, Any], kind: str, reason: str, message: str) 
                            "resourceVersion": metadata.get("resourceVersion")},
         "type": kind,
         "reason": reason,
-        # The API server rejects Event messages longer than 1 KiB.
-        "message": message[:1024],
+        "message": message[:MAX_EVENT_MESSAGE],
         "source": {"component": MANAGED_BY},
         "reportingComponent": MANAGED_BY,
         "firstTimestamp": timestamp,
@@ -83,26 +88,98 @@ def event_manifest(study: dict[str, Any], kind: str, reason: str, message: str) 
 
 
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
-    """Return the merge patch from the old status to the new one, or None when nothing changed.
+    """Return the JSON merge patch (RFC 7386) from the old status to the new one, or None when nothing changed.
 
-    Top-level fields that the new status lacks are set to null, which deletes them.
+    The patch contains only the members that changed, so a pass that changes one
+    counter does not resend the per-trial lists. Members that the new status
+    lacks or sets to null become null, which deletes them. A list that changed is
+    sent whole, because a merge patch replaces lists. `updatedAt` is sent with
+    every patch but never causes one.
     """
-    def without_nulls(value: Any) -> Any:
-        # A merge patch deletes object members set to null (RFC 7386); lists are stored as sent.
-        if isinstance(value, dict):
-            return {key: without_nulls(item) for key, item in value.items() if item is not None}
-        return value
-
-    def comparable(status: dict[str, Any]) -> dict[str, Any]:
-        return without_nulls({key: value for key, value in status.items() if key not in _VOLATILE_STATUS_FIELDS})
-
-    if comparable(old) == comparable(new):
+    patch = _merge_patch(old, new)
+    for key in _VOLATILE_STATUS_FIELDS:
+        patch.pop(key, None)
+    if not patch:
         return None
-    patch: dict[str, Any] = dict(new)
+    for key in _VOLATILE_STATUS_FIELDS:
+        if key in new:
+            patch[key] = new[key]
+    return patch
+
+
+def _without_nulls(value: Any) -> Any:
+    # A merge patch deletes object members set to null; lists are stored as sent.
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    return value
+
+
+def _merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Return the members of `new` that differ from `old`, recursing into objects; removed members are null."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if value is None:
+            if before is not None:
+                patch[key] = None
+        elif isinstance(value, dict) and isinstance(before, dict):
+            changes = _merge_patch(before, value)
+            if changes:
+                patch[key] = changes
+        elif _without_nulls(value) != before:
+            patch[key] = _without_nulls(value)
     for key in old:
         if key not in new:
             patch[key] = None
     return patch
+
+
+def created_event_message(created: list[tuple[Trial, str]]) -> str:
+    """Return the TrialCreated message for the jobs one pass created: the count, plan indices and job names.
+
+    Job names are listed in plan order until the next one would make the message
+    longer than MAX_EVENT_MESSAGE; the rest are counted.
+    """
+    if len(created) == 1:
+        trial, name = created[0]
+        layout = trial.config.distributed
+        return (f"created PyTorchJob {name} for trial {trial.id} ({layout.nodes} node(s) x "
+                f"{layout.procs_per_node} process(es))")
+
+    ordered = sorted(created, key=lambda pair: pair[0].index)
+    ranges = index_ranges(trial.index for trial, _ in ordered)
+    if len(ranges) > MAX_EVENT_MESSAGE // 4:
+        # Scattered indices (retries between new trials) would crowd out the job names.
+        ranges = ranges[:ranges.rfind(", ", 0, MAX_EVENT_MESSAGE // 4)] + ", ..."
+    head = f"created {len(created)} PyTorchJobs for the trials with plan index {ranges}: "
+
+    names: list[str] = []
+    for position, (trial, name) in enumerate(ordered):
+        entry = f"{name} ({trial.id})"
+        remaining = len(ordered) - position - 1
+        suffix = f", and {remaining} more" if remaining else ""
+        if len(head + ", ".join(names + [entry]) + suffix) > MAX_EVENT_MESSAGE:
+            break
+        names.append(entry)
+    unlisted = len(ordered) - len(names)
+    return head + ", ".join(names) + (f", and {unlisted} more" if unlisted else "")
+
+
+def index_ranges(indices: Iterable[int]) -> str:
+    """Write sorted integers as ranges, e.g. [0, 1, 2, 5, 7, 8] as '0-2, 5, 7-8'."""
+    parts: list[str] = []
+    start = previous = None
+    for index in sorted(set(indices)):
+        if start is None:
+            start = previous = index
+        elif index == previous + 1:
+            previous = index
+        else:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = previous = index
+    if start is not None:
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+    return ", ".join(parts)
 
 
 @dataclass
@@ -133,6 +210,7 @@ class Reconciler:
         self._failures: Counter[tuple[str, str]] = Counter()
         self._retry_at: dict[tuple[str, str], float] = {}
         self._known: set[tuple[str, str]] = set()
+        self._storage_pool: ThreadPoolExecutor | None = None
 
     @property
     def tracked(self) -> int:
@@ -189,6 +267,13 @@ class Reconciler:
             metrics.RECONCILES.labels(result="ok").inc()
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
+    async def close(self) -> None:
+        """Close the API client and stop the storage threads."""
+        await self.client.close()
+        if self._storage_pool is not None:
+            self._storage_pool.shutdown(wait=False, cancel_futures=True)
+            self._storage_pool = None
+
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
         """Drop the in-memory state of a deleted study."""
         key = (namespace, name)
@@ -241,8 +326,7 @@ class Reconciler:
         await self._record_failures(body, study, output, decision.failures, records)
         await self._stop_jobs(body, namespace, decision)
         await self._set_suspension(body, namespace, decision)
-        for creation in decision.create:
-            await self._create_job(body, study, target, output, creation)
+        await self._create_jobs(body, study, target, output, decision.create)
 
         fit = self._fit_records(memory, records, namespace, name)
         status = build_status(
@@ -396,14 +480,21 @@ class Reconciler:
                        f"trial {trial.id} failed after {failure.attempt + 1} attempt(s): {message[:300]}")
 
     async def _stop_jobs(self, body: dict[str, Any], namespace: str, decision: Decision) -> None:
-        """Delete the jobs of retired trials, and every running job of a failed study."""
-        for job, reason in decision.delete:
+        """Delete the jobs of retired trials and every running job of a failed study, some at the same time.
+
+        At most `create_concurrency` deletions run at once.
+        """
+
+        async def stop(entry: tuple[dict[str, Any], str]) -> None:
+            job, reason = entry
             name = job["metadata"]["name"]
             deleted = await self.client.delete(PYTORCHJOBS, namespace, name)
             if deleted:
                 logger.info("study %s/%s: deleted PyTorchJob %s (%s)", namespace, body["metadata"]["name"], name,
                             reason)
                 await self._event(body, "Normal", "JobDeleted", f"deleted PyTorchJob {name}: {reason}")
+
+        await self._run_bounded(decision.delete, stop)
 
     async def _set_suspension(self, body: dict[str, Any], namespace: str, decision: Decision) -> None:
         """Suspend or resume running jobs through runPolicy.suspend, following spec.suspend."""
@@ -421,9 +512,73 @@ class Reconciler:
                 await self._event(body, "Normal", "JobSuspended" if suspend else "JobResumed",
                                   f"{verb} PyTorchJob {name}")
 
+    async def _run_bounded(self, items: list[Item], action: Callable[[Item], Awaitable[Any]]) -> None:
+        """Run `action` on every item, at most `create_concurrency` at a time, in list order.
+
+        After the first failure no further item starts. The items in flight
+        finish, then the first error is raised.
+        """
+        pending = iter(items)
+        errors: list[Exception] = []
+
+        async def worker() -> None:
+            # The workers share one iterator, so each item is taken by exactly one of them.
+            for item in pending:
+                if errors:
+                    return
+                try:
+                    await action(item)
+                except Exception as error:  # re-raised below, once the other workers stopped
+                    errors.append(error)
+                    return
+
+        workers = min(self.config.create_concurrency, len(items))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        if errors:
+            raise errors[0]
+
+    async def _create_jobs(self, body: dict[str, Any], study: ScalingStudy, target: JobTarget, output: Location,
+                           creations: list[Creation]) -> None:
+        """Create the pass's PyTorchJobs with bounded concurrency, then post one TrialCreated event for them.
+
+        The event names the jobs that were created even when a creation failed
+        and the pass raises. Retries get their own TrialRetrying event each,
+        with the reason the previous attempt failed.
+        """
+        if not creations:
+            return
+        created: list[tuple[Trial, str]] = []
+        retried: list[str] = []
+        existing: list[str] = []
+        started = time.monotonic()
+
+        async def create(creation: Creation) -> None:
+            name = await self._create_job(body, study, target, output, creation)
+            if name is None:
+                existing.append(job_name(target.study, creation.trial.id, creation.attempt))
+            elif creation.retry_of:
+                retried.append(name)
+            else:
+                created.append((creation.trial, name))
+
+        try:
+            await self._run_bounded(creations, create)
+        finally:
+            logger.info("study %s/%s: created %d PyTorchJob(s) for new trials and %d for retries in %.2f s, "
+                        "%d already existed, %d of %d planned creations done (at most %d at a time)",
+                        target.namespace, target.study, len(created), len(retried), time.monotonic() - started,
+                        len(existing), len(created) + len(retried) + len(existing), len(creations),
+                        self.config.create_concurrency)
+            if created:
+                await self._event(body, "Normal", "TrialCreated", created_event_message(created))
+
     async def _create_job(self, body: dict[str, Any], study: ScalingStudy, target: JobTarget, output: Location,
-                          creation: Creation) -> None:
-        """Write the attempt's trial file, then create its PyTorchJob; a 409 means the job already exists."""
+                          creation: Creation) -> str | None:
+        """Write the attempt's trial file, then create its PyTorchJob; return its name, or None after a 409.
+
+        A 409 means the job exists already (deterministic names), e.g. after an
+        operator restart or a listing that missed it, so it counts as success.
+        """
         trial, attempt = creation.trial, creation.attempt
         name = job_name(target.study, trial.id, attempt)
         spec = TrialSpec.from_trial(target.study, trial)
@@ -433,18 +588,17 @@ class Reconciler:
                 output.remove(f"{trial_folder(trial.id)}/error.json")  # the last attempt's error is stale now
             return output.write_json(f"{trial_folder(trial.id)}/trial.json", spec.to_dict())
 
-        trial_url = await asyncio.to_thread(write_trial_file)
+        trial_url = await asyncio.get_running_loop().run_in_executor(self._storage_threads(), write_trial_file)
         manifest = pytorchjob_manifest(trial, attempt, study.spec.cluster, target, trial_url)
         try:
             await self.client.create(PYTORCHJOBS, target.namespace, manifest)
         except ApiError as error:
             if error.conflict:
-                logger.info("study %s/%s: PyTorchJob %s already exists", target.namespace, target.study, name)
-                return
+                # Counted in the pass's summary line, so that a restart mid-fan-out logs one line, not one per job.
+                logger.debug("study %s/%s: PyTorchJob %s already exists", target.namespace, target.study, name)
+                return None
             raise
         metrics.JOBS_CREATED.inc()
-        layout = trial.config.distributed
-        detail = f"{layout.nodes} node(s) x {layout.procs_per_node} process(es)"
         if creation.retry_of:
             metrics.JOBS_FAILED.inc()
             metrics.JOBS_RETRIED.inc()
@@ -453,10 +607,20 @@ class Reconciler:
             await self._event(body, "Warning", "TrialRetrying", f"trial {trial.id} attempt {attempt - 1} failed: "
                        f"{creation.retry_of[:200]}; created PyTorchJob {name} (attempt {attempt})")
         else:
-            logger.info("study %s/%s: created PyTorchJob %s for trial %s (%s)", target.namespace, target.study,
-                        name, trial.id, detail)
-            await self._event(body, "Normal", "TrialCreated",
-                              f"created PyTorchJob {name} for trial {trial.id} ({detail})")
+            layout = trial.config.distributed
+            logger.debug("study %s/%s: created PyTorchJob %s for trial %s (%d node(s) x %d process(es))",
+                         target.namespace, target.study, name, trial.id, layout.nodes, layout.procs_per_node)
+        return name
+
+    def _storage_threads(self) -> ThreadPoolExecutor:
+        """Return the threads that write trial files, one per concurrent creation.
+
+        A pool of its own keeps long fits in the default executor from delaying job creation.
+        """
+        if self._storage_pool is None:
+            self._storage_pool = ThreadPoolExecutor(max_workers=self.config.create_concurrency,
+                                                    thread_name_prefix="wxscale-storage")
+        return self._storage_pool
 
     async def _event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
         """Post an Event on the study; a failure is logged and does not stop the pass."""
