@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
@@ -23,11 +24,12 @@ import xarray as xr
 from conftest import REPO
 from wxscale.cli import main as wxscale_main
 from wxscale.data import DataBundle, StreamingBundle, build_datasets, build_streaming, load_trial_data
-from wxscale.data.blocks import epoch_order, plan_blocks, rank_blocks
+from wxscale.data.blocks import epoch_order, hand_over_boundary_windows, plan_block_reads, plan_blocks, rank_blocks
+from wxscale.data.cache import ChunkCache
 from wxscale.data.convert import ConvertOptions, convert
 from wxscale.data.inspect import inspect_source
 from wxscale.data.store import ChunkReadError, CorruptChunkError, MissingChunkError
-from wxscale.data.stream import Prefetcher
+from wxscale.data.stream import Prefetcher, StreamSource
 from wxscale.data.windows import WindowLayout
 from wxscale.errors import DataError
 from wxscale.spec import DataSpec, StorageSpec
@@ -164,6 +166,44 @@ def test_skip_resumes_mid_epoch(ncep_zarr: Path):
         assert torch.equal(expected[0], got[0])
 
 
+def test_hand_over_keeps_windows_per_rank():
+    layout = WindowLayout(history=3, history_interval=2, lead_steps=2)
+    blocks = plan_blocks(np.arange(10, 400, 3), layout, block_steps=48)
+    order = [blocks[int(i)] for i in epoch_order(len(blocks), seed=2, epoch=0)]
+
+    moved = hand_over_boundary_windows(order, layout)
+
+    assert [b.index for b in moved] == [b.index for b in order]
+    assert np.array_equal(np.sort(np.concatenate([b.windows for b in moved])), np.arange(10, 400, 3))
+    position = {block.index: i for i, block in enumerate(moved)}
+    for block in moved:
+        assert len(block.windows) > 0
+        assert block.read_start == block.windows.min() - layout.span_back
+        assert block.read_stop == block.windows.max() + layout.lead_steps + 1
+        # Only the block read later of two neighbours reads across their boundary.
+        for neighbour in moved:
+            if neighbour.stop == block.start and block.read_start < block.start:
+                assert position[neighbour.index] < position[block.index]
+            if neighbour.start == block.stop and block.read_stop > block.stop:
+                assert position[neighbour.index] < position[block.index]
+
+
+def test_block_reads_share_halos_within_budget():
+    layout = WindowLayout(history=2, history_interval=1, lead_steps=1)
+    blocks = plan_blocks(np.arange(1, 479), layout, block_steps=48)
+    order = hand_over_boundary_windows([blocks[int(i)] for i in epoch_order(len(blocks), 0, 0)], layout)
+
+    shared = plan_block_reads(order, step_bytes=100, budget_bytes=1e9)
+    fetched = [step for plan in shared for step in range(*plan.read)]
+    assert sorted(fetched) == list(range(0, 480))  # every step once
+    kept = [halo for plan in shared for halo in plan.keep]
+    assert sorted(kept) == sorted(halo for plan in shared for halo in plan.shared)
+
+    alone = plan_block_reads(order, step_bytes=100, budget_bytes=0)
+    assert all(plan.shared == () and plan.keep == () for plan in alone)
+    assert [plan.read for plan in alone] == [(b.read_start, b.read_stop) for b in order]
+
+
 # Same samples as the in-memory path ---------------------------------------------------------
 
 
@@ -187,6 +227,127 @@ def test_stream_matches_memory_with_exact_stats(tmp_path: Path, ncep_air: Path, 
         torch.testing.assert_close(y[index], expected_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(streamed.test_arrays().climatology, memory.test_arrays().climatology, rtol=1e-5)
     np.testing.assert_array_equal(streamed.test_arrays().targets, memory.test_arrays().targets)
+
+
+# Direct chunk reads, without xarray -----------------------------------------------------------------
+
+
+def xarray_read(source: StreamSource, start: int, stop: int) -> np.ndarray:
+    """Read [start, stop) of `source` through xarray instead of its chunk reader."""
+    reader, source.chunk_reader = source.chunk_reader, None
+    try:
+        return source.read(start, stop)
+    finally:
+        source.chunk_reader = reader
+
+
+@pytest.mark.parametrize("zarr_format,compression", [(2, "zstd"), (3, "zstd"), (2, "none"), (3, "none")])
+def test_chunk_reader_matches_xarray(tmp_path: Path, ncep_air: Path, zarr_format: int, compression: str):
+    store = tmp_path / "ncep.zarr"
+    convert(str(ncep_air), str(store), ConvertOptions(time_chunk=48, zarr_format=zarr_format, compression=compression))
+    source = StreamSource.from_spec(ncep_spec(store))
+
+    assert source.chunk_reader is not None
+    for start, stop in [(0, 48), (47, 49), (100, 300), (2900, 2920)]:
+        direct = source.read(start, stop)
+        assert direct.dtype == np.float32
+        np.testing.assert_array_equal(direct, xarray_read(source, start, stop))
+
+
+def test_uncompressed_partial_chunk_read_by_range(tmp_path: Path, ncep_air: Path):
+    store = tmp_path / "ncep.zarr"
+    convert(str(ncep_air), str(store), ConvertOptions(time_chunk=48, compression="none"))
+    source = StreamSource.from_spec(ncep_spec(store))
+    counters = source.raw.store.counters
+
+    before = counters.bytes_read
+    values = source.read(47, 50)  # the last step of chunk 0 and two of chunk 1
+
+    assert counters.bytes_read - before == 3 * 25 * 53 * 4
+    np.testing.assert_array_equal(values, xarray_read(source, 47, 50))
+
+
+def test_chunk_reader_standardises_like_xarray(tmp_path: Path):
+    # Ascending latitudes, longitudes from -180 (rolled to 0..360), float64 with a -9999 fill value,
+    # a variable stored as (lat, lon, time), an infinity, and a regional crop.
+    times = pd.date_range("2000-01-01", periods=40, freq="6h")
+    lat, lon = np.linspace(-80.0, 80.0, 9), np.arange(-180.0, 180.0, 20.0)
+    rng = np.random.default_rng(1)
+    t = rng.standard_normal((40, 9, 18)) + 280.0
+    t[3, 4, 12], t[7, 6, 13], t[9, 5, 11] = -9999.0, np.inf, np.nan  # all three inside the crop
+    u = rng.standard_normal((9, 18, 40))
+    dataset = xr.Dataset({"t": (("time", "lat", "lon"), t), "u": (("lat", "lon", "time"), u)},
+                         coords={"time": times, "lat": lat, "lon": lon})
+    store = tmp_path / "odd.zarr"
+    dataset.to_zarr(store, zarr_format=2, consolidated=True, encoding={
+        "t": {"chunks": (8, 9, 18), "_FillValue": -9999.0},
+        "u": {"chunks": (9, 18, 16)},
+    })
+    spec = DataSpec(source=str(store), history=2, region={"latMin": -40, "latMax": 60, "lonMin": 20, "lonMax": 200},
+                    train={"start": "2000-01-01", "end": "2000-01-06T18:00"},
+                    validation={"start": "2000-01-07", "end": "2000-01-08T18:00"},
+                    test={"start": "2000-01-09", "end": "2000-01-10T18:00"})
+    source = StreamSource.from_spec(spec)
+
+    assert source.chunk_reader is not None
+    assert source.chunk_reader.layouts[1].to_standard == (2, 0, 1)
+    for start, stop in [(0, 40), (5, 11), (15, 17), (39, 40)]:
+        np.testing.assert_array_equal(source.read(start, stop), xarray_read(source, start, stop))
+    values = source.read(0, 40)
+    assert [int(np.isnan(values[step, 0]).sum()) for step in (3, 7, 9)] == [1, 1, 1]
+    assert not (values == -9999.0).any()
+    assert not np.isinf(values).any()
+
+
+def test_epoch_identical_with_and_without_chunk_reader(ncep_zarr: Path):
+    bundle = build_streaming(ncep_spec(ncep_zarr), seed=3)
+    assert bundle.source.chunk_reader is not None
+    direct = list(bundle.train.batches(16, epoch=1, drop_last=False))
+    bundle.source.chunk_reader = None
+    through_xarray = list(bundle.train.batches(16, epoch=1, drop_last=False))
+
+    assert len(direct) == len(through_xarray)
+    for got, expected in zip(direct, through_xarray):
+        for got_tensor, expected_tensor in zip(got, expected):
+            assert torch.equal(got_tensor, expected_tensor)
+
+
+def test_epoch_windows_normalised_exactly(ncep_zarr: Path):
+    bundle = build_streaming(ncep_spec(ncep_zarr), seed=0)
+    train = bundle.train
+    train.shuffle = False
+    x, y = epoch_samples(bundle)
+    layout = train.layout
+    mean = bundle.mean.astype(np.float32)[:, None, None]
+    std = bundle.std.astype(np.float32)[:, None, None]
+
+    # Unshuffled, the samples follow the windows in time order.
+    for index in (0, 39, 40, 41, 200, len(x) - 1):
+        last = int(train.last_indices[index])
+        raw = bundle.source.read(last - layout.span_back, last + layout.lead_steps + 1)
+        inputs = (raw[layout.input_indices(np.array([layout.span_back]))[0]] - mean) / std
+        target = (raw[-1] - mean) / std
+        assert torch.equal(x[index], torch.from_numpy(np.nan_to_num(inputs, nan=0.0).reshape(x.shape[1:])))
+        assert torch.equal(y[index], torch.from_numpy(np.nan_to_num(target, nan=0.0)))
+
+
+def test_epoch_reads_each_chunk_once(ncep_zarr: Path):
+    bundle = build_streaming(ncep_spec(ncep_zarr), seed=0)
+    train = bundle.train
+    counters = bundle.source.raw.store.counters
+    steps = {step for block in train.blocks for step in range(block.read_start, block.read_stop)}
+    chunks = len({step // 40 for step in steps})
+
+    for epoch in (0, 1):
+        before = counters.requests
+        epoch_samples(bundle, epoch=epoch)
+        assert counters.requests - before == chunks
+
+    # Without room to keep halo steps, blocks fetch their neighbours' chunks again.
+    train.halo_budget_bytes = 0
+    before = counters.requests
+    epoch_samples(bundle, epoch=0)
+    assert counters.requests - before > chunks
 
 
 def test_stream_netcdf_with_region_and_coarsen(ncep_air: Path):
@@ -520,6 +681,39 @@ def test_chunk_cache_serves_repeated_reads(s3_store: str, proxy: FaultProxy, tmp
     assert proxy.hits["ncep.zarr/air/c/"] == fetched
     assert second.source.raw.store.counters.cache_hits > 0
     assert torch.equal(x_second, epoch_samples(first)[0])
+
+
+def test_chunk_cache_evicts_least_recently_used(tmp_path: Path):
+    cache = ChunkCache(tmp_path, "s3://bucket/store.zarr", limit_bytes=3000)
+    for key in ("t/c/0", "t/c/1", "t/c/2"):
+        assert cache.put(key, bytes(1000))
+    assert cache.get("t/c/0") is not None  # now the most recently used
+
+    assert cache.put("t/c/3", bytes(1500))
+
+    assert cache.size_bytes <= 3000
+    on_disk = sum(path.stat().st_size for path in cache.folder.rglob("*") if path.is_file())
+    assert on_disk == cache.size_bytes
+    assert cache.get("t/c/1") is None  # the two least recently used
+    assert cache.get("t/c/2") is None
+    assert cache.get("t/c/0") is not None
+    assert cache.get("t/c/3") is not None
+    assert cache.evictions == 2
+    assert not cache.put("t/c/4", bytes(3001))  # larger than the limit: not cached, nothing evicted
+    assert cache.get("t/c/0") is not None
+
+
+def test_chunk_cache_limit_counts_entries_found_at_start(tmp_path: Path):
+    first = ChunkCache(tmp_path, "s3://bucket/store.zarr", limit_bytes=2500)
+    first.put("t/c/0", bytes(1000))
+    first.put("t/c/1", bytes(1000))
+
+    second = ChunkCache(tmp_path, "s3://bucket/store.zarr", limit_bytes=2500)
+    assert second.size_bytes == 2000
+    second.put("t/c/2", bytes(1000))
+
+    assert second.size_bytes == 2000
+    assert sum(path.stat().st_size for path in second.folder.rglob("*") if path.is_file()) == 2000
 
 
 # Memory ---------------------------------------------------------------------------------------------------

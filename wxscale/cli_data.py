@@ -72,7 +72,8 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
                          help="target size of one chunk in MB as float32 when --time-chunk is not given (default 8)")
     convert.add_argument("--zarr-format", type=int, choices=(2, 3), default=3, help="zarr format (default 3)")
     convert.add_argument("--compression", choices=("zstd", "none"), default="zstd",
-                         help="chunk compression (default zstd)")
+                         help="chunk compression (default zstd): zstd for object storage, where bytes cost "
+                              "more than decoding; none for local NVMe, where decoding limits the loader")
     convert.add_argument("--memory-mb", type=float, default=512.0,
                          help="memory for the slab read and written at once, in MB (default 512)")
     convert.add_argument("--overwrite", action="store_true", help="replace DST when it exists")

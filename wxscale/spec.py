@@ -173,7 +173,7 @@ class LoaderSpec(Model):
         "machine. The store must not change while it is cached.",
     )
     cache_limit_mb: float | None = Field(
-        None, gt=0, alias="cacheLimitMB", description="Maximum size of the chunk cache in MB; chunks beyond it are not cached. Default no limit."
+        None, gt=0, alias="cacheLimitMB", description="Maximum size of the chunk cache in MB; the least recently used chunks are deleted to stay under it. Default no limit."
     )
     retries: int = Field(4, ge=0, le=20, description="Retries of a storage request that failed with a transient error.")
     retry_backoff_seconds: float = Field(

@@ -7,16 +7,25 @@ The streaming path, per epoch and rank:
 
 1. the training windows are grouped into blocks of whole time chunks of the
    store (`wxscale.data.blocks`). The blocks are permuted by (seed, epoch), and
-   each rank takes its share, so ranks own disjoint chunks;
+   each rank takes its share, so ranks own disjoint chunks. Windows on the
+   boundary of two of a rank's blocks go to the block read later, which copies
+   the steps it needs from the earlier one instead of fetching its chunk again;
 2. `Prefetcher` threads read the rank's blocks in that order, at most
-   `loader.prefetch` blocks ahead of training (the bounded queue);
+   `loader.prefetch` blocks ahead of training (the bounded queue), and
+   normalise each block once. A zarr store whose chunks hold whole time steps
+   is read chunk by chunk with `wxscale.data.chunks.ChunkReader`, other
+   sources through xarray;
 3. the windows of `loader.shuffleBlocks` consecutive blocks are permuted
-   together, cut into batches and normalised.
+   together and copied into batches.
 
 Memory: at most `prefetch` blocks are being read or wait in the queue, and
 `shuffleBlocks` blocks are being cut into batches. A block being read also
-holds its fetched chunk bytes. Blocks are sized so that prefetch +
-shuffleBlocks + workers + 1 of them fit in `loader.memoryMB`.
+holds its fetched chunk bytes, and halo steps kept for neighbouring blocks
+take up to one block. Blocks are sized so that prefetch + shuffleBlocks +
+workers + 2 of them fit in `loader.memoryMB`.
+
+NOTE: a block with missing (NaN) cells also holds a mask of one byte per
+cell, a quarter of its float32 size, which the sizing does not count.
 
 Normalisation statistics and the climatology come from the training period
 only. They are estimated from about `loader.statsSteps` of its time steps,
@@ -45,13 +54,17 @@ import zarr
 
 from wxscale.data.blocks import (
     Block,
+    BlockRead,
     block_steps_for,
     epoch_order,
     halo_overhead,
+    hand_over_boundary_windows,
+    plan_block_reads,
     plan_blocks,
     rank_blocks,
     shuffle_group,
 )
+from wxscale.data.chunks import ChunkReader, Finish, plan_chunk_reader
 from wxscale.data.coords import time_dimension
 from wxscale.data.dataset import BundleMethods, WindowDataset, _apply_nan_policy, _describe, build_datasets
 from wxscale.data.grid import coarsen, coarsen_values, crop_region
@@ -80,7 +93,8 @@ class StreamSource:
 
     Arrays are coarsened by `spec.data.coarsen`, and infinities become NaN, as in
     `build_datasets`. A zarr store reads through a `ReliableStore`, which retries
-    each request. netCDF reads are retried here as a whole.
+    each request, and with a `ChunkReader` when its layout allows (else through
+    xarray, as `chunk_reader = None` forces). netCDF reads are retried here as a whole.
     """
 
     def __init__(self, dataset: xr.Dataset, raw: RawSource, label: str, factor: int = 1,
@@ -104,6 +118,8 @@ class StreamSource:
         self._lock = threading.Lock()
         self._arrays: dict[str, tuple[zarr.Array, int]] | None = None  # zarr array and time axis per variable
         self.decoded_bytes = 0  # float32 bytes read before coarsening
+        # Reads whole chunks without xarray when the store's layout allows; None reads through xarray.
+        self.chunk_reader: ChunkReader | None = plan_chunk_reader(self.dataset, raw.dataset, raw.store, label)
 
     @classmethod
     def from_spec(cls, data: DataSpec, opened: tuple[xr.Dataset, RawSource] | None = None) -> StreamSource:
@@ -142,8 +158,14 @@ class StreamSource:
         common = math.lcm(*sizes)
         return common if common <= 4 * max(sizes) else max(sizes)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int, stop: int, out: np.ndarray | None = None, finish: Finish | None = None) -> np.ndarray:
         """Return time steps [start, stop) as a (T, V, H, W) float32 array in physical units.
+
+        With `out`, an array of that shape, the steps are written into it and it
+        is returned. Infinities become NaN, unless `finish` is given: then
+        `finish(v, first, last, piece)` runs on pieces `out[first:last, v]` that
+        together cover the output once, possibly in other threads, and must
+        treat infinities as missing itself.
 
         Raises ChunkReadError (with the chunk's key) for a zarr chunk that is
         missing, does not decode or cannot be fetched, and DataError for a
@@ -152,7 +174,7 @@ class StreamSource:
         policy = self.policy
         for attempt in range(policy.retries + 1):
             try:
-                return self._read_once(start, stop)
+                return self._read_once(start, stop, out, finish)
             except ChunkReadError:
                 raise  # the store has retried this request already
             except DECODE_ERRORS as error:
@@ -177,7 +199,26 @@ class StreamSource:
                 clock.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _read_once(self, start: int, stop: int) -> np.ndarray:
+    def _read_once(self, start: int, stop: int, out: np.ndarray | None, finish: Finish | None) -> np.ndarray:
+        if self.chunk_reader is not None and self.factor == 1:
+            output = out if out is not None else np.empty((stop - start, *self.shape), dtype=np.float32)
+            self.chunk_reader.read_into(output, start, stop, finish)
+        else:
+            if self.chunk_reader is not None:
+                output = self._read_coarsened_chunks(start, stop)
+            else:
+                output = self._read_xarray(start, stop)
+            if out is not None:
+                out[...] = output
+                output = out
+            if finish is not None:
+                for v in range(output.shape[1]):
+                    finish(v, 0, stop - start, output[:, v])
+        with self._lock:
+            self.decoded_bytes += (stop - start) * self.step_bytes
+        return output
+
+    def _read_xarray(self, start: int, stop: int) -> np.ndarray:
         subset = self.dataset.isel(time=slice(start, stop))
         output = np.empty((stop - start, *self.shape), dtype=np.float32)
         store = self.raw.store
@@ -187,8 +228,17 @@ class StreamSource:
                 values = np.asarray(subset[name].values, dtype=np.float32)
                 output[:, v] = coarsen_values(values, self.factor)
         output[np.isinf(output)] = np.nan  # infinities count as missing, like NaN
-        with self._lock:
-            self.decoded_bytes += (stop - start) * self.step_bytes
+        return output
+
+    def _read_coarsened_chunks(self, start: int, stop: int) -> np.ndarray:
+        n_lat, n_lon = self.dataset.sizes["lat"], self.dataset.sizes["lon"]
+        values = np.empty((stop - start, len(self.variables), n_lat, n_lon), dtype=np.float32)
+        # Infinities become NaN after coarsening, as on the xarray path, where the mean of a cell with one is inf.
+        self.chunk_reader.read_into(values, start, stop, finish=lambda *piece: None)
+        output = np.empty((stop - start, *self.shape), dtype=np.float32)
+        for v in range(len(self.variables)):
+            output[:, v] = coarsen_values(values[:, v], self.factor)
+        output[np.isinf(output)] = np.nan
         return output
 
     def _chunk_keys(self, start: int, stop: int) -> list[str]:
@@ -316,8 +366,9 @@ def plan_block_steps(source: StreamSource, layout: WindowLayout, loader: LoaderS
     """
     chunk_steps = source.time_chunk_steps()
     step_bytes = source.step_bytes
-    # Reads in flight hold their fetched chunk bytes and their decoded block at once.
-    slots = loader.prefetch + loader.shuffle_blocks + loader.workers + 1
+    # Reads in flight hold their fetched chunk bytes and their decoded block at once. One more block's share
+    # holds the halo steps that blocks keep for their neighbours (`plan_block_reads`).
+    slots = loader.prefetch + loader.shuffle_blocks + loader.workers + 2
     halo_bytes = (layout.span_back + layout.lead_steps) * step_bytes
     max_bytes = max(step_bytes, loader.memory_mb * 1e6 / slots - halo_bytes)
     block_steps = block_steps_for(chunk_steps, step_bytes, loader.block_mb * 1e6, max_bytes)
@@ -334,6 +385,14 @@ def plan_block_steps(source: StreamSource, layout: WindowLayout, loader: LoaderS
             block_steps,
         )
     return block_steps, chunk_steps
+
+
+@dataclass
+class _BlockValues:
+    """Normalised steps of a block read, missing cells set to 0; `valid` marks the others, None when all are valid."""
+
+    values: np.ndarray  # (T, V, H, W) float32
+    valid: np.ndarray | None
 
 
 class StreamingWindows:
@@ -372,6 +431,8 @@ class StreamingWindows:
         self.nan_policy = nan_policy
         self.blocks = plan_blocks(self.last_indices, layout, block_steps)
         self.block_steps = block_steps
+        # Halo steps kept for blocks read later in the epoch take at most one block's share of loader.memoryMB.
+        self.halo_budget_bytes = block_steps * source.step_bytes
         self._input_offsets = layout.input_indices(np.zeros(1, dtype=np.int64))[0]
         self._mean = np.asarray(mean, dtype=np.float32)[:, None, None]
         self._std = np.asarray(std, dtype=np.float32)[:, None, None]
@@ -403,10 +464,18 @@ class StreamingWindows:
         return world_size > 1 and len(self.blocks) < world_size
 
     def rank_block_list(self, epoch: int, rank: int = 0, world_size: int = 1) -> list[Block]:
-        """Return the blocks `rank` reads in `epoch`, in reading order."""
+        """Return the blocks `rank` reads in `epoch`, in reading order.
+
+        When ranks own whole blocks, windows on the boundary of two blocks of the
+        rank go to the one read later (`hand_over_boundary_windows`). When ranks
+        split the windows of every block, the blocks stay as planned, so that the
+        split stays the same for every epoch.
+        """
         order = epoch_order(len(self.blocks), self.seed, epoch, self.shuffle)
-        positions = order if self.window_sharding(world_size) else rank_blocks(order, rank, world_size)
-        return [self.blocks[int(p)] for p in positions]
+        if self.window_sharding(world_size):
+            return [self.blocks[int(p)] for p in order]
+        blocks = [self.blocks[int(p)] for p in rank_blocks(order, rank, world_size)]
+        return hand_over_boundary_windows(blocks, self.layout)
 
     def rank_windows(self, block: Block, rank: int = 0, world_size: int = 1) -> np.ndarray:
         """Return the windows of `block` that `rank` trains on."""
@@ -452,16 +521,74 @@ class StreamingWindows:
 
     # Reading --------------------------------------------------------------------------
 
-    def _describe(self, block: Block) -> str:
+    def _describe(self, plan: BlockRead) -> str:
+        block = plan.block
         span = self.source.describe_span(block.read_start, block.read_stop)
         return f"block {block.index} (time steps {span}) of {self.source.label}"
 
-    def _read_block(self, block: Block) -> np.ndarray:
-        values = self.source.read(block.read_start, block.read_stop)
-        if self.nan_policy == "error":
+    def _read_normalised(self, start: int, stop: int, out: np.ndarray) -> np.ndarray | None:
+        """Read steps [start, stop) into `out`, normalised, with missing cells set to 0.
+
+        Returns the mask of valid cells, or None when all are valid. Missing cells
+        are NaN or infinite before normalising. The arithmetic is the float32
+        arithmetic of `WindowDataset`, done once per time step instead of once
+        per window that uses the step, and in the decoding threads when the
+        source has a chunk reader.
+        """
+        missing: list[tuple[int, int, int, np.ndarray]] = []
+        lock = threading.Lock()
+
+        def normalise(v: int, first: int, last: int, piece: np.ndarray) -> None:
+            valid = np.isfinite(piece)
+            piece -= self._mean[v]
+            piece /= self._std[v]
+            if not valid.all():
+                piece[~valid] = 0.0
+                with lock:
+                    missing.append((v, first, last, valid))
+
+        self.source.read(start, stop, out=out, finish=normalise)
+        if not missing:
+            return None
+        valid = np.ones(out.shape, dtype=bool)
+        for v, first, last, piece in missing:
+            valid[first:last, v] = piece
+        return valid
+
+    def _read_block(self, plan: BlockRead) -> _BlockValues:
+        """Read and normalise the steps of `plan.read`; the shared halo steps stay unset until `_receive`."""
+        block = plan.block
+        values = np.empty((block.read_steps, *self.source.shape), dtype=np.float32)
+        low, high = plan.read[0] - block.read_start, plan.read[1] - block.read_start
+        part_valid = self._read_normalised(plan.read[0], plan.read[1], values[low:high])
+        valid = None
+        if part_valid is not None:
+            valid = np.ones(values.shape, dtype=bool)
+            valid[low:high] = part_valid
+        return _BlockValues(values, valid)
+
+    def _receive(self, plan: BlockRead, read: _BlockValues, halo_copies: dict[tuple[int, int], _BlockValues]) -> None:
+        """Complete a block read with the halos kept by earlier blocks, keep its own for later ones, check NaN."""
+        block = plan.block
+        for start, stop in plan.shared:
+            piece = halo_copies.pop((start, stop))
+            rows = slice(start - block.read_start, stop - block.read_start)
+            read.values[rows] = piece.values
+            if piece.valid is not None:
+                if read.valid is None:
+                    read.valid = np.ones(read.values.shape, dtype=bool)
+                read.valid[rows] = piece.valid
+            elif read.valid is not None:
+                read.valid[rows] = True
+        for start, stop in plan.keep:
+            rows = slice(start - block.read_start, stop - block.read_start)
+            valid = None if read.valid is None else read.valid[rows].copy()
+            halo_copies[(start, stop)] = _BlockValues(read.values[rows].copy(), valid)
+
+        if self.nan_policy == "error" and read.valid is not None:
             touched = self.layout.touched_indices(block.windows) - block.read_start
             for v, name in enumerate(self.source.variables):
-                missing = int(np.isnan(values[touched, v]).sum())
+                missing = int((~read.valid[touched, v]).sum())
                 if missing:
                     raise DataError(
                         f"variable {name!r} has {missing} NaN cells in time steps "
@@ -469,38 +596,45 @@ class StreamingWindows:
                         "spec.data.nanPolicy is 'error'; set nanPolicy: mask to leave them out of the loss and the "
                         "metrics, or fill them in the data"
                     )
-        return values
 
-    def _assemble(
-        self, entries: list[tuple[int, int]], group: list[tuple[Block, np.ndarray]]
-    ) -> tuple[np.ndarray, ...]:
-        """Return normalised (x, y, mask) arrays of the windows `entries`, (slot in group, last-input index) pairs."""
+    def _empty_batch(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n_vars, height, width = self.source.shape
-        history = self.layout.history
-        x = np.empty((len(entries), history, n_vars, height, width), dtype=np.float32)
-        y = np.empty((len(entries), n_vars, height, width), dtype=np.float32)
-        for i, (slot, last) in enumerate(entries):
-            block, values = group[slot]
-            local = last - block.read_start
-            x[i] = values[local + self._input_offsets]
-            y[i] = values[local + self.layout.lead_steps]
+        x = np.empty((size, self.layout.history, n_vars, height, width), dtype=np.float32)
+        y = np.empty((size, n_vars, height, width), dtype=np.float32)
+        mask = np.empty((size, n_vars, height, width), dtype=np.float32)
+        return x, y, mask
 
-        # The same normalisation and masking as WindowDataset.
-        x -= self._mean
-        x /= self._std
-        np.copyto(x, 0.0, where=np.isnan(x))  # the reader turned infinities into NaN already
-        mask = np.isfinite(y)
-        y -= self._mean
-        y /= self._std
-        y[~mask] = 0.0
-        return x.reshape(len(entries), history * n_vars, height, width), y, mask.astype(np.float32)
+    def _fill_row(self, batch: tuple[np.ndarray, ...], row: int, read: _BlockValues, local: int) -> None:
+        """Copy the window whose last input is at `local` in a normalised block into row `row` of `batch`."""
+        x, y, mask = batch
+        for h, offset in enumerate(self._input_offsets):
+            x[row, h] = read.values[local + offset]
+        target = local + self.layout.lead_steps
+        y[row] = read.values[target]
+        if read.valid is None:
+            mask[row] = 1.0
+        else:
+            mask[row] = read.valid[target]
+
+    def _assemble(self, rows: list[tuple[_BlockValues, int]], size: int) -> Batch:
+        """Return a batch of `size` rows holding the windows `rows`, (block values, last-input position) pairs."""
+        batch = self._empty_batch(size)
+        for row, (read, local) in enumerate(rows):
+            self._fill_row(batch, row, read, local)
+        return self._finish_batch(batch, len(rows))
+
+    def _finish_batch(self, batch: tuple[np.ndarray, ...], size: int) -> Batch:
+        x, y, mask = (array[:size] for array in batch)
+        n_vars, height, width = self.source.shape
+        return _to_tensors((x.reshape(size, self.layout.history * n_vars, height, width), y, mask))
 
     def __getitem__(self, index: int) -> Batch:
         last = int(self.last_indices[index])
-        block = Block(index=-1, start=last, stop=last + 1, read_start=last - self.layout.span_back,
-                      read_stop=last + self.layout.lead_steps + 1, windows=np.array([last]))
-        x, y, mask = self._assemble([(0, last)], [(block, self.source.read(block.read_start, block.read_stop))])
-        return torch.from_numpy(x[0]), torch.from_numpy(y[0]), torch.from_numpy(mask[0])
+        start, stop = last - self.layout.span_back, last + self.layout.lead_steps + 1
+        values = np.empty((stop - start, *self.source.shape), dtype=np.float32)
+        read = _BlockValues(values, self._read_normalised(start, stop, values))
+        x, y, mask = self._assemble([(read, last - start)], 1)
+        return x[0], y[0], mask[0]
 
     def batches(
         self,
@@ -535,30 +669,34 @@ class StreamingWindows:
 
         spec = self.loader_spec
         blocks = [block for members, _ in groups for block in members]
+        plans = plan_block_reads(blocks, self.source.step_bytes, self.halo_budget_bytes)
         prefetcher = Prefetcher(
-            self._read_block, blocks, spec.workers, spec.prefetch, self.wait_timeout, self._describe
+            self._read_block, plans, spec.workers, spec.prefetch, self.wait_timeout, self._describe
         )
-        partial: tuple[np.ndarray, ...] | None = None
+        halo_copies: dict[tuple[int, int], _BlockValues] = {}
+        rows: list[tuple[_BlockValues, int]] = []
         try:
             stream = iter(prefetcher)
             for members, entries in groups:
                 if limit is not None and produced >= limit:
                     break
-                group = list(itertools.islice(stream, len(members)))
+                group = []
+                for plan, read in itertools.islice(stream, len(members)):
+                    self._receive(plan, read, halo_copies)
+                    group.append((plan.block, read))
 
-                position = 0
-                while position < len(entries) and (limit is None or produced < limit):
-                    need = batch_size - (0 if partial is None else len(partial[0]))
-                    part = self._assemble(entries[position : position + need], group)
-                    position += need
-                    partial = part if partial is None else tuple(np.concatenate(pair) for pair in zip(partial, part))
-                    if len(partial[0]) == batch_size:
-                        yield _to_tensors(partial)
+                for slot, last in entries:
+                    block, read = group[slot]
+                    rows.append((read, last - block.read_start))
+                    if len(rows) == batch_size:
+                        yield self._assemble(rows, batch_size)
                         produced += 1
-                        partial = None
+                        rows = []
+                        if limit is not None and produced >= limit:
+                            break
                 del group
-            if partial is not None and not drop_last and (limit is None or produced < limit):
-                yield _to_tensors(partial)
+            if rows and not drop_last and (limit is None or produced < limit):
+                yield self._assemble(rows, len(rows))
                 produced += 1
         finally:
             prefetcher.close()
