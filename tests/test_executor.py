@@ -121,8 +121,9 @@ def test_study_fails_past_failure_budget(tmp_path: Path):
 
 
 def test_interrupt_keeps_finished_results(tmp_path: Path):
-    # One trial at a time, so the first result exists while the second still runs.
-    document = tiny_study("interrupted", [{"field": "training.budget.steps", "values": [10, 400]}],
+    # One trial at a time, so the first result exists while the second still runs. The second is far too long
+    # to finish before the interrupt, even when the machine is idle and fast.
+    document = tiny_study("interrupted", [{"field": "training.budget.steps", "values": [10, 100_000]}],
                           maxConcurrentTrials=1)
     study = write_study(tmp_path, document)
     out = tmp_path / "out"
