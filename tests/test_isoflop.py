@@ -321,6 +321,8 @@ def test_variable_getting_worse_is_flagged():
 # Report and status --------------------------------------------------------------
 
 
+# Matplotlib warns when a legend has nothing to show; a panel without data must not draw one.
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_report_shows_curves_and_recommendation(tmp_path, records, analysis):
     path = write_report(records, tmp_path, "planted", fits={"computeOptimal": analysis})
     text = path.read_text()

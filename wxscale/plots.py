@@ -350,11 +350,17 @@ def plot_metrics(records: Sequence[dict[str, Any]], out_dir: Path) -> Path | Non
             axis.set_ylabel(f"{name} {metric.upper()} ({units})")
             axis.grid(True, which="both", alpha=0.3)
             if row == 0 and column == 0:
-                axis.legend(fontsize="small")
+                _legend_if_labelled(axis, fontsize="small")
     if not drawn:
         return None
     figure.suptitle(_title("Test RMSE and MAE vs model size and compute", records))
     return _save(figure, out_dir / "metrics_vs_scale.png")
+
+
+def _legend_if_labelled(axis: Any, **options: Any) -> None:
+    """Draw the axis legend when it has labelled artists; a panel without data gets none."""
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(**options)
 
 
 def skill_ratio(record: dict[str, Any], variable: str, baseline: str) -> float | None:
@@ -391,7 +397,7 @@ def plot_skill(records: Sequence[dict[str, Any]], out_dir: Path) -> Path | None:
         axis.set_xlabel("trial index")
         axis.set_ylabel(f"{name}: model RMSE / baseline RMSE")
         axis.grid(True, axis="y", alpha=0.3)
-        axis.legend(fontsize="small")
+        _legend_if_labelled(axis, fontsize="small")
     if not drawn:
         return None
     figure.suptitle(_title("Skill vs baselines (below 1.0 beats the baseline)", records))
