@@ -708,3 +708,95 @@ def test_synthetic_unknown_variable():
     spec = make_spec("synthetic", SYNTHETIC_PERIODS, synthetic=SMALL_SYNTHETIC, variables=["c"])
     with pytest.raises(DataError, match="'c' not found"):
         grid_info(spec)
+
+
+# Unreachable or silent S3 endpoints: bounded time, one clear error ---------------------------------------------
+
+
+@pytest.fixture()
+def silent_endpoint():
+    """Yield the URL of a TCP server on 127.0.0.1 that accepts connections and never sends a response."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(timeout=5)
+    for connection in accepted:
+        connection.close()
+    server.close()
+
+
+def _s3_source(endpoint: str, **loader) -> DataSpec:
+    return DataSpec.model_validate({
+        "source": "s3://bucket/store.zarr", "storage": {"endpointUrl": endpoint},
+        "loader": {"timeoutSeconds": 1, "retries": 1, **loader},
+        "train": {"start": "2000-01-01", "end": "2000-06-30"},
+        "validation": {"start": "2000-07-01", "end": "2000-08-31"},
+        "test": {"start": "2000-09-01", "end": "2000-12-31"},
+    })
+
+
+def test_s3_silent_endpoint_times_out(silent_endpoint: str, monkeypatch):
+    import time
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    began = time.monotonic()
+
+    with pytest.raises(DataError) as caught:
+        grid_info(_s3_source(silent_endpoint))
+
+    # Two attempts of one second each, for connecting and reading; without the bound botocore waits minutes.
+    assert time.monotonic() - began < 30
+    message = str(caught.value)
+    assert message.startswith(f"spec.data.source: S3 endpoint {silent_endpoint} sent no response within 1 s")
+    assert "in 2 attempt(s)" in message
+    assert "spec.data.loader.timeoutSeconds" in message
+
+
+def test_s3_refused_endpoint_names_it(monkeypatch):
+    import socket
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with socket.socket() as probe:  # a port that was free a moment ago, so nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+    with pytest.raises(DataError) as caught:
+        grid_info(_s3_source(endpoint))
+
+    assert str(caught.value).startswith(f"spec.data.source: cannot connect to S3 endpoint {endpoint}")
+    assert "spec.data.storage.endpointUrl" in str(caught.value)
+
+
+def test_s3_missing_credentials_hint(silent_endpoint: str, monkeypatch, tmp_path: Path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    # No credential files and no instance-metadata lookup, so botocore finds no credentials without a request.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+    with pytest.raises(DataError) as caught:
+        grid_info(_s3_source(silent_endpoint))
+
+    assert str(caught.value).startswith("spec.data.source: no S3 credentials found to read s3://bucket/store.zarr")
+    assert "AWS_ACCESS_KEY_ID" in str(caught.value)

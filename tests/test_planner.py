@@ -140,11 +140,18 @@ def test_split_inside_data_silent(caplog):
     assert [record for record in caplog.records if record.levelname == "WARNING"] == []
 
 
-def test_train_coverage_inside_data_silent(caplog):
+def test_split_outside_data_rejected(caplog):
+    from wxscale.errors import StudyError
+
     document = minimal()
-    # Training ends after the data does, but its one month of temporal coverage lies inside the data.
+    # Training ends after the data does, but its one month of temporal coverage lies inside the data, so only
+    # validation and test, which start after the data ends, have no samples.
     document["spec"]["data"]["temporalCoverage"] = "1mo"
-    with caplog.at_level("WARNING", logger="wxscale.planner"):
+    with caplog.at_level("WARNING", logger="wxscale.planner"), pytest.raises(StudyError) as caught:
         plan(parse_study(document), grid_resolver=_grid_spanning("2000-01-01T00:00", "2000-03-31T18:00"))
-    warned = [record.getMessage().split(":")[0] for record in caplog.records if record.levelname == "WARNING"]
-    assert warned == ["spec.data.validation", "spec.data.test"]
+
+    problems = caught.value.problems
+    assert [problem.split(":")[0] for problem in problems] == ["spec.data.validation", "spec.data.test"]
+    assert problems[0].startswith("spec.data.validation: 2000-07-01 00:00..2000-08-31 00:00 lies outside the data, "
+                                  "which covers 2000-01-01 00:00..2000-03-31 18:00")
+    assert [record for record in caplog.records if record.levelname == "WARNING"] == []

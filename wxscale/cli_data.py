@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 import json
 
-from wxscale.spec import StorageSpec
+from wxscale.spec import LoaderSpec, StorageSpec
 
 
 def _storage(args: argparse.Namespace) -> StorageSpec:
     return StorageSpec(endpoint_url=args.s3_endpoint, anonymous=getattr(args, "anonymous", False))
 
 
+def _loader(args: argparse.Namespace) -> LoaderSpec:
+    return LoaderSpec(timeout_seconds=args.timeout, retries=args.retries)
+
+
+def _add_request_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for each storage request before retrying it (default 30)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="retries of a failed or timed-out storage request (default 2)")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from wxscale.data.inspect import format_report, inspect_source
 
     report = inspect_source(args.url, _storage(args), seconds=args.seconds, workers=args.workers,
-                            measure=not args.no_measure)
+                            measure=not args.no_measure, loader=_loader(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -37,7 +48,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         memory_mb=args.memory_mb,
         overwrite=args.overwrite,
     )
-    summary = convert(args.src, args.dst, options, _storage(args))
+    summary = convert(args.src, args.dst, options, _storage(args), _loader(args))
     print(f"wrote {summary.destination}: {', '.join(summary.variables)}, {summary.steps} steps on a "
           f"{summary.grid[0]} x {summary.grid[1]} grid, chunks of {summary.time_chunk} steps "
           f"({summary.chunks_per_variable} per variable), {summary.float32_bytes / 1e6:.1f} MB as float32, "
@@ -60,6 +71,7 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--s3-endpoint", help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
     inspect.add_argument("--anonymous", action="store_true", help="read a public bucket without credentials")
+    _add_request_options(inspect)
     inspect.set_defaults(handler=cmd_inspect)
 
     convert = actions.add_parser(
@@ -78,4 +90,5 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
                          help="memory for the slab read and written at once, in MB (default 512)")
     convert.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
     convert.add_argument("--s3-endpoint", help="S3 endpoint URL of SRC and DST (default AWS_ENDPOINT_URL)")
+    _add_request_options(convert)
     convert.set_defaults(handler=cmd_convert)

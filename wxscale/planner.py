@@ -305,31 +305,42 @@ def _check_lead_time(data: DataSpec, grid: GridInfo) -> None:
         ])
 
 
-def _warn_partial_coverage(data: DataSpec, grid: GridInfo) -> None:
-    """Log a warning for each split whose date range reaches outside the data's time span.
+def _check_coverage(data: DataSpec, grid: GridInfo) -> None:
+    """Raise StudyError for a split outside the data's time span; warn for one that reaches outside it.
 
-    Such a split is cut to the part the data covers, which changes the number of
-    samples, and for train the data a dataset fraction draws from.
+    A split that reaches outside the span is cut to the part the data covers,
+    which changes the number of samples, and for train the data a dataset
+    fraction draws from. A split with no time step inside the span has no samples.
     """
+    from wxscale.errors import StudyError
+
     if grid.time_start is None or grid.time_end is None:
         return
     first, last = pd.Timestamp(grid.time_start), pd.Timestamp(grid.time_end)
+    span = f"{first:%Y-%m-%d %H:%M}..{last:%Y-%m-%d %H:%M}"
+    problems = []
     for split in ("train", "validation", "test"):
         period = getattr(data, split)
         start, end = pd.Timestamp(period.start), pd.Timestamp(period.end)
         if split == "train" and data.temporal_coverage is not None:
             # Training data ends where the temporal coverage ends, if that comes first.
             end = min(end, add_duration(start, data.temporal_coverage) - pd.Timedelta(1, "ns"))
+        dates = f"{start:%Y-%m-%d %H:%M}..{end:%Y-%m-%d %H:%M}"
+        if end < first or start > last:
+            problems.append(f"spec.data.{split}: {dates} lies outside the data, which covers {span}, so the split "
+                            f"has no samples; set spec.data.{split} inside the data's span")
+            continue
         if start >= first and end <= last:
             continue
-        key = f"{split} {start} {end} {first} {last}"
+        key = f"{split} {dates} {span}"
         if key in _warned_splits:
             continue
         _warned_splits.add(key)
-        logger.warning("spec.data.%s: %s..%s reaches outside the data, which covers %s..%s; the split uses only "
-                       "the covered part. Set spec.data.%s inside the data's span to silence this warning",
-                       split, f"{start:%Y-%m-%d %H:%M}", f"{end:%Y-%m-%d %H:%M}", f"{first:%Y-%m-%d %H:%M}",
-                       f"{last:%Y-%m-%d %H:%M}", split)
+        logger.warning("spec.data.%s: %s reaches outside the data, which covers %s; the split uses only the "
+                       "covered part. Set spec.data.%s inside the data's span to silence this warning",
+                       split, dates, span, split)
+    if problems:
+        raise StudyError("spec.data", problems)
 
 
 def default_grid_resolver(data: DataSpec) -> GridInfo:
@@ -361,7 +372,7 @@ def plan(study: ScalingStudy, grid_resolver: Callable[[DataSpec], GridInfo] | No
         if data_key not in grids:
             grids[data_key] = resolver(config.data)
             _check_lead_time(config.data, grids[data_key])
-            _warn_partial_coverage(config.data, grids[data_key])
+            _check_coverage(config.data, grids[data_key])
         grid = grids[data_key]
 
         n_vars = len(grid.variables)

@@ -111,6 +111,7 @@ def convert(
     destination: str,
     options: ConvertOptions = ConvertOptions(),
     storage: StorageSpec | None = None,
+    loader: LoaderSpec | None = None,
 ) -> ConvertSummary:
     """Write `source` to `destination` (local path or s3:// URL) as a training-friendly zarr store.
 
@@ -125,7 +126,7 @@ def convert(
     target_options = storage_options_for(storage) if protocol == "s3" else None
     _check_destination(destination, protocol, path, target_options, options.overwrite)
 
-    raw = open_location(source, storage, LoaderSpec(), field="SRC")
+    raw = open_location(source, storage, loader or LoaderSpec(), field="SRC")
     dataset = standardise_coordinates(raw.dataset, source)
     dataset = select_variables(dataset, options.variables, source)
     variables = [str(name) for name in dataset.data_vars]

@@ -134,13 +134,15 @@ def measure_read_rate(source: StreamSource, seconds: float, workers: int = 2, bl
 
 
 def inspect_source(
-    url: str, storage: StorageSpec | None = None, seconds: float = 3.0, workers: int = 2, measure: bool = True
+    url: str, storage: StorageSpec | None = None, seconds: float = 3.0, workers: int = 2, measure: bool = True,
+    loader: LoaderSpec | None = None,
 ) -> SourceReport:
     """Describe the netCDF file or zarr store at `url` and, with `measure`, its read rate from here.
 
-    Raises DataError when the source cannot be opened or has no (time, lat, lon) variable.
+    `loader` gives the timeout and retries of each storage request. Raises
+    DataError when the source cannot be opened or has no (time, lat, lon) variable.
     """
-    raw = open_location(url, storage or StorageSpec(), LoaderSpec(), field="URL")
+    raw = open_location(url, storage or StorageSpec(), loader or LoaderSpec(), field="URL")
     dataset = standardise_coordinates(raw.dataset, url)
     dataset = select_variables(dataset, None, url)
     names = [str(name) for name in dataset.data_vars]

@@ -148,9 +148,59 @@ def open_location(
     missing, inaccessible or in no readable format.
     """
     protocol, path = split_location(source, field)
-    options = storage_options_for(storage) if protocol == "s3" else {}
-    fs = fsspec.filesystem(protocol, **options)
+    if protocol != "s3":
+        return _open_location(fs=fsspec.filesystem(protocol), protocol=protocol, path=path, options={},
+                              source=source, loader=loader, field=field)
 
+    import botocore.exceptions
+
+    options = storage_options_for(storage)
+    try:
+        return _open_location(fs=_s3_metadata_filesystem(options, loader), protocol=protocol, path=path,
+                              options=options, source=source, loader=loader, field=field)
+    except botocore.exceptions.BotoCoreError as error:
+        raise _s3_error(error, source, storage, loader, field) from error
+
+
+def _s3_metadata_filesystem(options: dict[str, Any], loader: LoaderSpec) -> fsspec.AbstractFileSystem:
+    """Return the synchronous s3fs filesystem that lists and opens a source, bounded by the loader's timeout.
+
+    Each request gets `loader.retries + 1` attempts of at most `loader.timeoutSeconds`
+    each for connecting and for reading, so that an endpoint that never responds fails
+    in bounded time. s3fs's own retry loop is reduced to one attempt, because it
+    would multiply botocore's attempts.
+    """
+    config = dict(options.get("config_kwargs") or {})
+    config.update(connect_timeout=loader.timeout_seconds, read_timeout=loader.timeout_seconds,
+                  retries={"total_max_attempts": loader.retries + 1, "mode": "standard"})
+    fs = fsspec.filesystem("s3", **{**options, "config_kwargs": config})
+    fs.retries = 1
+    return fs
+
+
+def _s3_error(error: Exception, source: str, storage: StorageSpec, loader: LoaderSpec, field: str) -> DataError:
+    """Convert a botocore error from opening `source` into a DataError that names what to check."""
+    import botocore.exceptions
+
+    endpoint = storage_options_for(storage).get("client_kwargs", {}).get("endpoint_url", "the default AWS endpoint")
+    where = "spec.data.storage.endpointUrl in a study, --s3-endpoint on the command line, or AWS_ENDPOINT_URL"
+    if isinstance(error, botocore.exceptions.NoCredentialsError):
+        return DataError(f"{field}: no S3 credentials found to read {source}; set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY, or spec.data.storage.anonymous: true (--anonymous) for a public bucket")
+    if isinstance(error, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)):
+        return DataError(
+            f"{field}: S3 endpoint {endpoint} sent no response within {loader.timeout_seconds:g} s in "
+            f"{loader.retries + 1} attempt(s) while opening {source}; check the endpoint ({where}), or raise "
+            "spec.data.loader.timeoutSeconds (--timeout) for a slow link")
+    if isinstance(error, botocore.exceptions.EndpointConnectionError):
+        return DataError(f"{field}: cannot connect to S3 endpoint {endpoint} to open {source} ({error}); check the "
+                         f"endpoint ({where}) and that the server is running")
+    return DataError(f"{field}: opening {source} from S3 endpoint {endpoint} failed ({type(error).__name__}: "
+                     f"{error}); check the endpoint ({where}) and the credentials")
+
+
+def _open_location(fs: fsspec.AbstractFileSystem, protocol: str, path: str, options: dict[str, Any], source: str,
+                   loader: LoaderSpec, field: str) -> RawSource:
     try:
         exists = fs.exists(path)
     except PermissionError as error:
@@ -163,7 +213,9 @@ def open_location(
             "check the bucket and key, and spec.data.storage.endpointUrl or AWS_ENDPOINT_URL"
             if protocol == "s3"
             else f"relative paths are resolved against the current directory ({os.getcwd()}); give an existing "
-            "netCDF file or zarr store, an s3:// URL or 'synthetic', or pass `--data PATH` on the command line"
+            "netCDF file or zarr store or an s3:// URL"
+            + (", 'synthetic', or `--data PATH` on the command line of validate, plan and run"
+               if field.startswith("spec.") else "")
         )
         raise DataError(f"{field}: {source} not found; {hint}")
 
