@@ -804,6 +804,27 @@ def test_convert_refuses_existing_destination(tmp_path: Path, ncep_air: Path):
     assert xr.open_dataset(store, engine="zarr")["air"].encoding["chunks"][0] == 50
 
 
+def test_convert_unknown_variable_names_option(tmp_path: Path, ncep_air: Path):
+    with pytest.raises(DataError) as caught:
+        convert(str(ncep_air), str(tmp_path / "out.zarr"), ConvertOptions(variables=["airr"]))
+    assert str(caught.value).startswith("--variables: variable 'airr' not found")
+
+
+def test_convert_warns_irregular_step(tmp_path: Path, caplog):
+    times = pd.to_datetime(["2000-01-01T00", "2000-01-01T06", "2000-01-01T13", "2000-01-01T19"])
+    source = xr.Dataset({"t": (("time", "lat", "lon"), np.ones((4, 3, 4), np.float32))},
+                        coords={"time": times, "lat": [10.0, 0.0, -10.0], "lon": [0.0, 90.0, 180.0, 270.0]})
+    source.to_netcdf(tmp_path / "irregular.nc")
+    caplog.set_level(logging.WARNING, logger="wxscale.data.convert")
+
+    summary = convert(str(tmp_path / "irregular.nc"), str(tmp_path / "out.zarr"))
+
+    assert summary.steps == 4
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert "is irregular (steps between 6 h and 7 h" in warning
+    assert "spec.data.leadTime" not in warning
+
+
 def test_convert_to_s3_then_inspect(s3_server: str, ncep_air: Path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

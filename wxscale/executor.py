@@ -257,7 +257,7 @@ class LocalExecutor:
                     bar.set_postfix_str(f"{run.trial.id} {run.state.lower()}")
                 self.write_status()
                 if self._failed_count() > self.spec.max_failed_trials and not self._stopping.is_set():
-                    logger.error("%d trials failed, more than maxFailedTrials=%d: stopping the study",
+                    logger.error("%d trial(s) failed, more than maxFailedTrials=%d: stopping the study",
                                  self._failed_count(), self.spec.max_failed_trials)
                     self.stop_running()
                     pending.clear()

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from wxscale.data.coords import select_variables, standardise_coordinates
 from wxscale.data.sources import split_location, open_location, storage_options_for
+from wxscale.data.windows import infer_step
 from wxscale.errors import DataError
 from wxscale.spec import LoaderSpec, StorageSpec
 
@@ -128,20 +130,28 @@ def convert(
 
     raw = open_location(source, storage, loader or LoaderSpec(), field="SRC")
     dataset = standardise_coordinates(raw.dataset, source)
-    dataset = select_variables(dataset, options.variables, source)
+    dataset = select_variables(dataset, options.variables, source, field="--variables")
     variables = [str(name) for name in dataset.data_vars]
     n_times, n_lat, n_lon = dataset.sizes["time"], dataset.sizes["lat"], dataset.sizes["lon"]
+
+    try:
+        infer_step(pd.DatetimeIndex(dataset["time"].values), source)
+    except DataError as error:
+        # Converting is still useful (inspection, evaluation), but no study can train on the store as it is.
+        detail = str(error).removeprefix("spec.data.leadTime cannot be converted to time steps: ")
+        logger.warning("%s; the converted store keeps these time steps, so a study can train on it only after "
+                       "resampling", detail)
 
     time_chunk = min(time_chunk_for(n_lat, n_lon, options), n_times)
     step_bytes = len(variables) * n_lat * n_lon * 4
     # A slab of whole chunks, so every append starts on a chunk boundary.
     slab_chunks = max(1, int(options.memory_mb * 1e6 // (time_chunk * step_bytes)))
-    slab_steps = slab_chunks * time_chunk
+    slab_steps = min(slab_chunks * time_chunk, n_times)
     logger.info(
-        "converting %s: %d variables, %d steps, %d x %d grid; chunks of %d steps (%.1f MB float32 per variable), "
+        "converting %s: variables %s, %d steps, %d x %d grid; chunks of %d steps (%.1f MB float32 per variable), "
         "slabs of %d steps",
         source,
-        len(variables),
+        ", ".join(variables),
         n_times,
         n_lat,
         n_lon,
@@ -175,7 +185,7 @@ def convert(
 
     summary = ConvertSummary(
         destination=destination,
-        variables=variables,
+        variables=sorted(variables),
         steps=n_times,
         grid=(n_lat, n_lon),
         time_chunk=time_chunk,

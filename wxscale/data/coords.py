@@ -262,8 +262,12 @@ def standardise_coordinates(dataset: xr.Dataset, source: str) -> xr.Dataset:
     return dataset
 
 
-def select_variables(dataset: xr.Dataset, requested: list[str] | None, source: str) -> xr.Dataset:
-    """Keep the requested variables, or every data variable on a (time, lat, lon) grid, as (time, lat, lon)."""
+def select_variables(dataset: xr.Dataset, requested: list[str] | None, source: str,
+                     field: str = "spec.data.variables") -> xr.Dataset:
+    """Keep the requested variables, or every data variable on a (time, lat, lon) grid, as (time, lat, lon).
+
+    `field` names the setting of `requested` in error messages.
+    """
     grid_dims = {"time", "lat", "lon"}
     on_grid = [str(name) for name, variable in dataset.data_vars.items() if set(variable.dims) == grid_dims]
     listing = ", ".join(f"{name}{tuple(v.dims)}" for name, v in dataset.data_vars.items()) or "none"
@@ -279,11 +283,11 @@ def select_variables(dataset: xr.Dataset, requested: list[str] | None, source: s
         for name in names:
             if name not in dataset.data_vars:
                 raise DataError(
-                    f"spec.data.variables: variable {name!r} not found in {source}; available variables: {listing}"
+                    f"{field}: variable {name!r} not found in {source}; available variables: {listing}"
                 )
             if set(dataset[name].dims) != grid_dims:
                 raise DataError(
-                    f"spec.data.variables: variable {name!r} in {source} has dimensions "
+                    f"{field}: variable {name!r} in {source} has dimensions "
                     f"{tuple(dataset[name].dims)}, expected (time, lat, lon); select a single level or "
                     "member of it in a preprocessed file"
                 )
