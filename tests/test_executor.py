@@ -210,3 +210,4 @@ def test_real_data_trial(tmp_path: Path, ncep_air: Path):
     assert 1.8 < air["persistence"]["rmse"] < 2.6
     assert record["data"]["grid"] == [25, 53]
     assert record["data"]["synthetic"] is False
+    assert record["data"]["loader"] == "memory"

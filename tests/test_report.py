@@ -11,7 +11,8 @@ import pytest
 
 from wxscale.fit import StartGrid, fit_study
 from wxscale.plots import atomic_path, plot_cost_vs_embed_dim, plot_cost_vs_history, write_plots
-from wxscale.report import format_table, trials_csv, write_report
+from wxscale.plots import format_si
+from wxscale.report import format_table, render_report, trials_csv, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -212,6 +213,79 @@ def test_report_best_trial_is_lowest_loss(report, records):
     best = min((r for r in records if r["state"] == "Succeeded"), key=lambda r: r["evaluation"]["testLoss"])
     summary_line = next(line for line in report.read_text().splitlines() if line.startswith("- Best trial"))
     assert best["trial"] in summary_line
+
+
+def markdown_table(text: str, first_header: str) -> list[dict[str, str]]:
+    """Parse the Markdown table whose header row starts with `first_header` into one dict per row."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_header))
+    header = [cell.strip() for cell in lines[start].strip("|").split(" | ")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split(" | ")))))
+    return rows
+
+
+def test_best_trial_labels_parameter_counts(report, records):
+    best = min((r for r in records if r["state"] == "Succeeded"), key=lambda r: r["evaluation"]["testLoss"])
+    text = report.read_text()
+    summary_line = next(line for line in text.splitlines() if line.startswith("- Best trial"))
+    total = format_si(best["model"]["params"])
+    non_embedding = format_si(best["model"]["nonEmbeddingParams"])
+    assert total != non_embedding
+    assert f"{total} parameters ({non_embedding} non-embedding)" in summary_line
+
+    # The summary's first count is the one the trials table shows.
+    trials = markdown_table(text, "| # | trial | state |")
+    best_row = next(row for row in trials if row["trial"] == f"`{best['trial']}`")
+    assert best_row["params"] == total
+
+
+def test_best_trial_without_non_embedding_count(tmp_path):
+    record = make_record(0, 2, 1.0)
+    del record["model"]["nonEmbeddingParams"]
+    text = render_report([record], "no-split", {}, {}, tmp_path)
+    summary_line = next(line for line in text.splitlines() if line.startswith("- Best trial"))
+    assert f", {format_si(record['model']['params'])} parameters, " in summary_line
+    assert "non-embedding" not in summary_line
+
+
+def compute_record(index: int, *, synthetic: bool, loader: str | None, wait: float) -> dict:
+    """Build a succeeded record with the fields of the compute table, its data wait and its loader mode."""
+    record = make_record(index, 2, 1.0)
+    record["data"]["synthetic"] = synthetic
+    if loader is not None:
+        record["config"]["data"]["loader"] = {"mode": loader}
+    record["config"]["distributed"] = {"strategy": "ddp", "nodes": 1, "procsPerNode": 1}
+    record["config"]["training"] = {"precision": "fp32", "activationCheckpointing": False}
+    record["training"]["parallelism"] = {"strategy": "ddp", "nodes": 1, "procsPerNode": 1}
+    record["training"]["dataWaitFraction"] = wait
+    # The step-time fraction divides by less time, so a table that shows it instead fails the check below.
+    record["training"]["stepTime"] = {"steps": 25, "dataFraction": 1.2 * wait}
+    return record
+
+
+def test_compute_table_shows_loader_and_data_wait(tmp_path):
+    records = [
+        compute_record(0, synthetic=True, loader="stream", wait=0.0061),  # synthetic data is always in memory
+        compute_record(1, synthetic=False, loader="stream", wait=0.25),
+        compute_record(2, synthetic=False, loader="memory", wait=0.004),
+        compute_record(3, synthetic=False, loader="auto", wait=0.03),
+        compute_record(4, synthetic=False, loader=None, wait=0.03),
+        compute_record(5, synthetic=False, loader="auto", wait=0.03),
+    ]
+    del records[4]["training"]["dataWaitFraction"]
+    records[5]["data"]["loader"] = "stream"  # what the trainer records: the path an 'auto' trial took
+    text = render_report(records, "loader", {}, {}, tmp_path)
+
+    rows = markdown_table(text, "| # | trial | layout |")
+    assert [row["#"] for row in rows] == ["0", "1", "2", "3", "4", "5"]
+    assert [row["loader"] for row in rows] == ["memory", "stream", "memory", "auto", "-", "stream"]
+    assert [row["data wait % of wall"] for row in rows] == ["0.61", "25", "0.4", "3", "-", "3"]
+    assert "`training.dataWaitFraction`" in text
+    assert "`training.stepTime.dataFraction`" in text
 
 
 def test_too_few_trials_gives_note(tmp_path):

@@ -773,6 +773,27 @@ def test_epoch_peak_memory_bounded(tmp_path: Path):
     assert growth < 4 * memory_mb, report
 
 
+def test_statistics_sample_warns_few_pieces(tmp_path: Path, ncep_air: Path, ncep_zarr: Path, caplog):
+    long_chunks = tmp_path / "long.zarr"
+    convert(str(ncep_air), str(long_chunks), ConvertOptions(time_chunk=1500))
+    caplog.set_level(logging.INFO, logger="wxscale.data.stream")
+
+    # Eighteen months of training in chunks of about a year: a sample of 1,000 steps is one chunk.
+    spec = DataSpec(source=str(long_chunks), history=2, train={"start": "2013-01-01", "end": "2014-06-30T18:00"},
+                    validation={"start": "2014-07-01", "end": "2014-09-30T18:00"},
+                    test={"start": "2014-10-01", "end": "2014-12-31T18:00"},
+                    loader={**SMALL_BLOCKS, "statsSteps": 1000, "blockMB": 64, "memoryMB": 256})
+    build_streaming(spec, seed=0)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any(message.startswith("the statistics sample is 1 piece(s) of 1500 steps") for message in warnings)
+    assert "in 1 piece(s) between 2013-01-01 00:00 and" in caplog.text
+
+    caplog.clear()
+    build_streaming(ncep_spec(ncep_zarr, loader={"statsSteps": 1000}), seed=0)
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+    assert "in 25 piece(s) between" in caplog.text
+
+
 # Convert, inspect and the CLI ------------------------------------------------------------------------------
 
 
@@ -888,6 +909,7 @@ def test_trainer_streams_training_split(ncep_zarr: Path):
 
     assert record["state"] == "Succeeded"
     assert record["data"]["trainSamples"] == 1458
+    assert record["data"]["loader"] == "stream"
     assert record["training"]["steps"] == 4
     assert np.isfinite(record["evaluation"]["testLoss"])
     assert 0.0 <= record["training"]["dataWaitFraction"] < 1.0

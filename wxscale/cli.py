@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="run trials that failed in an earlier run again")
     run.add_argument("--no-report", action="store_true", help="skip fitting and the report at the end")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    run.add_argument("--s3-endpoint", help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
+    run.add_argument("--s3-endpoint", help="S3 endpoint URL of an s3:// --output (default AWS_ENDPOINT_URL); the "
+                     "data's endpoint is spec.data.storage.endpointUrl")
     run.set_defaults(handler=cmd_run)
 
     report = commands.add_parser("report", help="fit scaling laws and write report.md, plots and trials.csv")

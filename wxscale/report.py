@@ -23,7 +23,6 @@ from wxscale.plots import (
     atomic_path,
     format_si,
     is_synthetic,
-    params_field,
     scaling_efficiency,
     skill_ratio,
     succeeded,
@@ -244,6 +243,13 @@ def _data_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _params_text(record: dict[str, Any]) -> str:
+    """Render the total parameter count, as in the trials table, with the non-embedding count the fits use."""
+    text = f"{format_si(record_number(record, 'model.params'))} parameters"
+    non_embedding = record_number(record, "model.nonEmbeddingParams")
+    return text if non_embedding is None else f"{text} ({format_si(non_embedding)} non-embedding)"
+
+
 def _summary_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     counts = Counter(str(record.get("state", "unknown")) for record in records)
     states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
@@ -255,8 +261,7 @@ def _summary_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     else:
         lines.append(
             f"- Best trial: #{best.get('index')} `{best.get('trial')}`, test loss "
-            f"{_format_number(record_number(best, 'evaluation.testLoss'))}, "
-            f"{format_si(record_number(best, params_field(succeeded(records))))} parameters, "
+            f"{_format_number(record_number(best, 'evaluation.testLoss'))}, {_params_text(best)}, "
             f"{format_si(record_number(best, 'training.samples'))} samples, "
             f"{_format_number(record_number(best, 'training.flopsAnalytic'), 3)} FLOPs "
             f"({format_axis_values(best)})"
@@ -300,14 +305,31 @@ def _trial_table_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def loader_mode(record: dict[str, Any]) -> str:
+    """Return how a trial read its training data: 'memory', 'stream', or '-' when the record does not tell.
+
+    Trainers record the path they took in `data.loader`. For older records the
+    configured mode stands in, and an 'auto' trial shows 'auto'. The synthetic
+    source is generated in memory whatever `spec.data.loader.mode` is.
+    """
+    recorded = record_value(record, "data.loader")
+    if recorded:
+        return str(recorded)
+    if record_value(record, "data.synthetic"):
+        return "memory"
+    mode = record_value(record, "config.data.loader.mode")
+    return str(mode) if mode else "-"
+
+
 def _compute_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     """Render the process layout and efficiency of each succeeded trial that recorded them; [] when none did."""
     measured = [record for record in succeeded(records) if record_value(record, "training.parallelism")]
     if not measured:
         return []
     efficiency = scaling_efficiency(records)
-    header = ["#", "trial", "layout", "precision", "act. ckpt", "samples/s", "scaling eff.", "MFU", "HFU",
-              "peak MiB", "comm MiB/step/rank", "checkpoint MB", "write s", "storage MB"]
+    header = ["#", "trial", "layout", "precision", "act. ckpt", "samples/s", "scaling eff.", "loader",
+              "data wait % of wall", "MFU", "HFU", "peak MiB", "comm MiB/step/rank", "checkpoint MB", "write s",
+              "storage MB"]
     lines = [
         "## Compute and efficiency",
         "",
@@ -315,6 +337,14 @@ def _compute_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         "the one-process trial with the same config apart from `distributed`). MFU and HFU divide model and "
         "hardware FLOP/s (hardware FLOPs add recomputation) by the peak of all processes; on CPU the peak is a "
         "measured matmul rate. Peak memory is rank 0's.",
+        "",
+        "Loader is the path the training split took: 'stream' reads it from storage while training, 'memory' "
+        "loads it first. Records of older trainers lack it and show `spec.data.loader.mode`, 'auto' included. "
+        "Data wait is "
+        "rank 0's time waiting for training batches divided by the wall time of the training loop, validation and "
+        "checkpoint writes included, over all attempts (`training.dataWaitFraction`). "
+        "`training.stepTime.dataFraction` in trials.csv divides the last attempt's wait by its summed step time "
+        "(data wait, forward-backward and optimizer) and leaves validation out, so it is a little larger.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -327,6 +357,7 @@ def _compute_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         checkpoint = record_number(record, "training.checkpoint.lastBytes")
         storage = record_number(record, "training.storageBytes")
         peak = record_number(record, "training.peakMemoryBytes")
+        data_wait = record_number(record, "training.dataWaitFraction")
         row = [
             record.get("index", "-"),
             f"`{record.get('trial', '-')}`",
@@ -335,6 +366,8 @@ def _compute_lines(records: Sequence[dict[str, Any]]) -> list[str]:
             "on" if training.get("activationCheckpointing") else "off",
             _format_number(record_number(record, "training.samplesPerSecond"), 4),
             _format_number(efficiency.get(str(record.get("trial"))), 3),
+            loader_mode(record),
+            _format_number(100 * data_wait if data_wait is not None else None, 2),
             _format_number(record_number(record, "training.mfu"), 3),
             _format_number(record_number(record, "training.hfu"), 3),
             _format_number(peak / 2**20 if peak is not None else None, 4),

@@ -324,6 +324,7 @@ def run_trial(trial: TrialSpec, runtime: Runtime, telemetry: Telemetry | None = 
         "data": {
             "source": bundle.source_description,
             "synthetic": config.data.is_synthetic,
+            "loader": "stream" if bundle.streaming else "memory",  # the path the training split took
             "variables": list(bundle.variables),
             "units": dict(bundle.units),
             "grid": list(grid),

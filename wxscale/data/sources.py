@@ -182,21 +182,28 @@ def _s3_error(error: Exception, source: str, storage: StorageSpec, loader: Loade
     """Convert a botocore error from opening `source` into a DataError that names what to check."""
     import botocore.exceptions
 
-    endpoint = storage_options_for(storage).get("client_kwargs", {}).get("endpoint_url", "the default AWS endpoint")
-    where = "spec.data.storage.endpointUrl in a study, --s3-endpoint on the command line, or AWS_ENDPOINT_URL"
+    url = storage_options_for(storage).get("client_kwargs", {}).get("endpoint_url")
+    endpoint = f"S3 endpoint {url}" if url else "the default AWS S3 endpoint"
+    if field.startswith("spec."):
+        where = "spec.data.storage.endpointUrl in the study, or AWS_ENDPOINT_URL"
+        timeout = "spec.data.loader.timeoutSeconds"
+    else:
+        where = "--s3-endpoint or AWS_ENDPOINT_URL"
+        timeout = "--timeout"
     if isinstance(error, botocore.exceptions.NoCredentialsError):
+        anonymous = "spec.data.storage.anonymous: true" if field.startswith("spec.") else "--anonymous"
         return DataError(f"{field}: no S3 credentials found to read {source}; set AWS_ACCESS_KEY_ID and "
-                         "AWS_SECRET_ACCESS_KEY, or spec.data.storage.anonymous: true (--anonymous) for a public bucket")
+                         f"AWS_SECRET_ACCESS_KEY, or {anonymous} for a public bucket")
     if isinstance(error, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)):
         return DataError(
-            f"{field}: S3 endpoint {endpoint} sent no response within {loader.timeout_seconds:g} s in "
+            f"{field}: {endpoint} sent no response within {loader.timeout_seconds:g} s in "
             f"{loader.retries + 1} attempt(s) while opening {source}; check the endpoint ({where}), or raise "
-            "spec.data.loader.timeoutSeconds (--timeout) for a slow link")
+            f"{timeout} for a slow link")
     if isinstance(error, botocore.exceptions.EndpointConnectionError):
-        return DataError(f"{field}: cannot connect to S3 endpoint {endpoint} to open {source} ({error}); check the "
-                         f"endpoint ({where}) and that the server is running")
-    return DataError(f"{field}: opening {source} from S3 endpoint {endpoint} failed ({type(error).__name__}: "
-                     f"{error}); check the endpoint ({where}) and the credentials")
+        return DataError(f"{field}: cannot connect to {endpoint} to open {source} ({error}); check the endpoint "
+                         f"({where}) and that the server is running")
+    return DataError(f"{field}: opening {source} from {endpoint} failed ({type(error).__name__}: {error}); check "
+                     f"the endpoint ({where}) and the credentials")
 
 
 def _open_location(fs: fsspec.AbstractFileSystem, protocol: str, path: str, options: dict[str, Any], source: str,

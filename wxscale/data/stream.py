@@ -768,6 +768,10 @@ class StreamLoader:
 # Statistics -----------------------------------------------------------------------------
 
 
+# Minimum number of pieces of the training period that an estimated statistics sample should come from.
+_MIN_STATISTICS_PIECES = 4
+
+
 @dataclass
 class TrainingStatistics:
     """Normalisation statistics and climatology of the training period, and how many steps they come from."""
@@ -777,6 +781,7 @@ class TrainingStatistics:
     steps_read: int
     steps_total: int
     nan_cells: dict[str, int]
+    ranges: list[tuple[int, int]]  # the time-step ranges [start, stop) read, in time order
 
     @property
     def exact(self) -> bool:
@@ -851,6 +856,7 @@ def estimate_training_statistics(
         steps_read=moments.steps,
         steps_total=len(touched),
         nan_cells=nan_cells,
+        ranges=ranges,
     )
 
 
@@ -941,13 +947,25 @@ def build_streaming(data: DataSpec, seed: int, opened: tuple[xr.Dataset, RawSour
     if statistics.exact:
         logger.info("normalisation statistics from all %d training steps", statistics.steps_read)
     else:
+        first, last = statistics.ranges[0][0], statistics.ranges[-1][1] - 1
         logger.info(
             "normalisation statistics and climatology estimated from %d of %d training steps "
-            "(spec.data.loader.statsSteps %d)",
+            "(spec.data.loader.statsSteps %d), in %d piece(s) between %s and %s",
             statistics.steps_read,
             statistics.steps_total,
             data.loader.stats_steps,
+            len(statistics.ranges),
+            f"{source.times[first]:%Y-%m-%d %H:%M}",
+            f"{source.times[last]:%Y-%m-%d %H:%M}",
         )
+        if len(statistics.ranges) < _MIN_STATISTICS_PIECES:
+            logger.warning(
+                "the statistics sample is %d piece(s) of %d steps, too few to spread over the training period "
+                "and its seasons; rechunk the store with shorter time chunks (wxscale data convert --time-chunk) "
+                "or raise spec.data.loader.statsSteps",
+                len(statistics.ranges),
+                min(chunk_steps, block_steps),
+            )
     if data.nan_policy == "error" and any(statistics.nan_cells.values()):
         name = next(name for name, count in statistics.nan_cells.items() if count)
         raise DataError(
