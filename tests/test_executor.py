@@ -120,7 +120,15 @@ def test_study_fails_past_failure_budget(tmp_path: Path):
     assert failed["reason"] == "TooManyFailedTrials"
 
 
-def test_interrupt_keeps_finished_results(tmp_path: Path):
+def _default_sigint() -> None:
+    # A shell that starts a job in the background without job control (as CI runners may) sets SIGINT to
+    # ignored, children inherit that, and Python then installs no KeyboardInterrupt handler. Ctrl-C in a
+    # terminal reaches a process with the default disposition, so the test restores it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_keeps_finished_results(tmp_path: Path, signum: int, code: int):
     # One trial at a time, so the first result exists while the second still runs. The second is far too long
     # to finish before the interrupt, even when the machine is idle and fast.
     document = tiny_study("interrupted", [{"field": "training.budget.steps", "values": [10, 100_000]}],
@@ -128,7 +136,8 @@ def test_interrupt_keeps_finished_results(tmp_path: Path):
     study = write_study(tmp_path, document)
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "wxscale", "run", str(study), "--output", str(out),
-                                "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("trials/*/result.json")) and time.monotonic() < deadline:
@@ -141,12 +150,12 @@ def test_interrupt_keeps_finished_results(tmp_path: Path):
             if log.stem != finished_id
         ):
             time.sleep(0.5)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, stderr[-3000:]
+    assert process.returncode == code, stderr[-3000:]
     assert "Run the same command again to resume" in stderr
 
     (finished,) = results(out).values()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -82,12 +83,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     executor = LocalExecutor(study, trials, output, default_log_folder(output), s3_endpoint=args.s3_endpoint,
                              retry_failed=args.retry_failed, progress=not args.no_progress)
+    # Trials run in sessions of their own, so a signal to this process does not reach them. SIGTERM (kill,
+    # a job scheduler) takes the path of Ctrl-C, which stops the running trials before the process exits.
+    terminated = []
+
+    def on_terminate(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_terminate)
     try:
         status = executor.run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished trials are kept in {output}. Run the same command again to resume.",
+        reason = "terminated" if terminated else "interrupted"
+        print(f"\n{reason}; finished trials are kept in {output}. Run the same command again to resume.",
               file=sys.stderr)
-        return 130
+        return 128 + (terminated[0] if terminated else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
     if not args.no_report:
         _report(output, study.metadata.name, executor)
