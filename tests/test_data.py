@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 
 from wxscale.data import build_datasets, grid_info, open_source, synthetic
@@ -512,6 +513,26 @@ def test_nan_cells_are_masked(nan_file: Path, caplog):
     x_next, _, _ = bundle.train[3]
     assert bool(np.isfinite(x_next.numpy()).all())
     assert float(x_next[1, 2, 2]) == 0.0
+
+
+def test_batched_reads_match_samples(nan_file: Path):
+    from torch.utils.data import DataLoader
+
+    bundle = build_datasets(make_spec(nan_file), seed=0)
+    indices = [3, 0, 2, 7, 2]  # unsorted and repeated, with the masked cells of windows 2 and 3
+
+    x, y, mask = bundle.train.batch(indices)
+    for row, index in enumerate(indices):
+        expected = bundle.train[index]
+        assert torch.equal(x[row], expected[0]), index
+        assert torch.equal(y[row], expected[1]), index
+        assert torch.equal(mask[row], expected[2]), index
+
+    # DataLoader fetches a batch through __getitems__ and collates it to the same tensors.
+    (loaded,) = list(DataLoader(bundle.train, batch_size=len(indices), sampler=indices))
+    assert torch.equal(loaded[0], x)
+    assert torch.equal(loaded[1], y)
+    assert torch.equal(loaded[2], mask)
 
 
 def test_nan_policy_error_names_variable(nan_file: Path):

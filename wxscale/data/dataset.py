@@ -68,9 +68,23 @@ class WindowDataset(torch.utils.data.Dataset):
         return len(self.last_indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        last = int(self.last_indices[index])
-        inputs = self.values[self._input_offsets + last]  # fancy indexing copies: (history, V, H, W)
-        target = self.values[last + self.layout.lead_steps]
+        x, y, mask = self.batch([index])
+        return x[0], y[0], mask[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Return the samples at `indices`; DataLoader calls this once per batch instead of __getitem__ per sample."""
+        x, y, mask = self.batch(indices)
+        return list(zip(x.unbind(0), y.unbind(0), mask.unbind(0)))
+
+    def batch(self, indices: list[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the samples at `indices` stacked: x (B, history*V, H, W), y and mask (B, V, H, W).
+
+        One vectorised gather and normalisation per batch; per-sample numpy calls
+        cost about as much as a small model's training step on CPU.
+        """
+        last = self.last_indices[np.asarray(indices, dtype=np.int64)]
+        inputs = self.values[last[:, None] + self._input_offsets]  # fancy indexing copies: (B, history, V, H, W)
+        target = self.values[last + self.layout.lead_steps]  # (B, V, H, W)
 
         x = (inputs - self._mean) / self._std
         y = (target - self._mean) / self._std
@@ -78,9 +92,9 @@ class WindowDataset(torch.utils.data.Dataset):
         x = np.nan_to_num(x, nan=0.0)
         y = np.where(mask, y, 0.0).astype(np.float32)
 
-        history, n_vars, height, width = x.shape
+        batch, history, n_vars, height, width = x.shape
         return (
-            torch.from_numpy(x.reshape(history * n_vars, height, width)),
+            torch.from_numpy(x.reshape(batch, history * n_vars, height, width)),
             torch.from_numpy(y),
             torch.from_numpy(mask.astype(np.float32)),
         )
