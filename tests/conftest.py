@@ -36,3 +36,14 @@ def shared_schemas() -> Path:
     if not folder.is_dir():
         pytest.skip(f"schema folder {folder} is absent (set WXSCALE_SHARED to the folder holding schemas/)")
     return folder
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """Yield the URL of a moto S3 server on 127.0.0.1, shared by the tests of one module."""
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

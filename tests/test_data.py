@@ -302,24 +302,14 @@ def test_file_url(tmp_path: Path):
 # S3 through a local moto server ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3_bucket(s3_endpoint: str, tmp_path: Path, monkeypatch):
+def s3_bucket(moto_endpoint: str, tmp_path: Path, monkeypatch):
     s3fs = pytest.importorskip("s3fs")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_endpoint})
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": moto_endpoint})
     bucket = f"wx-{tmp_path.name.lower().replace('_', '-')}"[:60]
     fs.mkdir(bucket)
 
@@ -334,8 +324,8 @@ def s3_bucket(s3_endpoint: str, tmp_path: Path, monkeypatch):
 
 
 @pytest.mark.parametrize("key", ["four.nc", "three.nc", "store.zarr"])
-def test_s3_sources(s3_endpoint: str, s3_bucket: str, key: str):
-    spec = make_spec(f"s3://{s3_bucket}/{key}", storage={"endpointUrl": s3_endpoint})
+def test_s3_sources(moto_endpoint: str, s3_bucket: str, key: str):
+    spec = make_spec(f"s3://{s3_bucket}/{key}", storage={"endpointUrl": moto_endpoint})
 
     dataset = open_source(spec)
 
@@ -345,16 +335,16 @@ def test_s3_sources(s3_endpoint: str, s3_bucket: str, key: str):
     assert values[5, 0, 1] == pytest.approx(5 + 0.03 + 0.0001)
 
 
-def test_s3_endpoint_from_environment(s3_endpoint: str, s3_bucket: str, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+def test_s3_endpoint_from_environment(moto_endpoint: str, s3_bucket: str, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     bundle = build_datasets(make_spec(f"s3://{s3_bucket}/store.zarr"), seed=0)
     assert len(bundle.train) > 0
 
 
-def test_s3_missing_key(s3_endpoint: str, s3_bucket: str):
+def test_s3_missing_key(moto_endpoint: str, s3_bucket: str):
     source = f"s3://{s3_bucket}/absent.nc"
     with pytest.raises(DataError, match="not found") as error:
-        open_source(make_spec(source, storage={"endpointUrl": s3_endpoint}))
+        open_source(make_spec(source, storage={"endpointUrl": moto_endpoint}))
     assert source in str(error.value)
 
 

@@ -161,6 +161,18 @@ def get_json(s3: Any, key: str) -> dict[str, Any]:
     return json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
 
+def reconcile_once(reconciler: Any, namespace: str, name: str) -> None:
+    """Run one reconcile pass of a study outside kopf, then close the reconciler's clients."""
+
+    async def one_pass() -> None:
+        try:
+            await reconciler.reconcile(namespace, name)
+        finally:
+            await reconciler.close()
+
+    asyncio.run(one_pass())
+
+
 def jobs_in(cluster: FakeCluster, namespace: str) -> dict[str, dict[str, Any]]:
     return {job["metadata"]["name"]: job for job in cluster.list(JOBS, namespace)}
 
@@ -527,13 +539,7 @@ def test_existing_job_name_is_not_an_error(cluster, s3):
 
     reconciler = register(kopf.OperatorRegistry(), operator_config(namespace, s3))
 
-    async def one_pass() -> None:
-        try:
-            await reconciler.reconcile(namespace, name)
-        finally:
-            await reconciler.close()
-
-    asyncio.run(one_pass())
+    reconcile_once(reconciler, namespace, name)
     jobs = jobs_in(cluster, namespace)
     assert list(jobs) == [existing["metadata"]["name"]]
     assert jobs[existing["metadata"]["name"]]["metadata"]["labels"] == {}
@@ -562,13 +568,7 @@ def test_fan_out_after_restart_creates_each_job_once(cluster, s3):
     config = dataclasses.replace(operator_config(namespace, s3), create_concurrency=4)
     reconciler = register(kopf.OperatorRegistry(), config)
 
-    async def one_pass() -> None:
-        try:
-            await reconciler.reconcile(namespace, name)
-        finally:
-            await reconciler.close()
-
-    asyncio.run(one_pass())
+    reconcile_once(reconciler, namespace, name)
     jobs = jobs_in(cluster, namespace)
     assert len(jobs) == 12
     assert set(jobs) == {job_name(name, trial_id) for trial_id in trials}

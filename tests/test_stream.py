@@ -583,25 +583,15 @@ class FaultProxy:
         self.server.server_close()
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3_store(s3_server: str, ncep_zarr: Path, tmp_path: Path, monkeypatch) -> str:
+def s3_store(moto_endpoint: str, ncep_zarr: Path, tmp_path: Path, monkeypatch) -> str:
     """The NCEP zarr store in a fresh bucket; returns its s3:// URL."""
     s3fs = pytest.importorskip("s3fs")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server},
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": moto_endpoint},
                            skip_instance_cache=True)
     bucket = f"wx-{tmp_path.name.lower().replace('_', '-')}"[:60]
     fs.mkdir(bucket)
@@ -610,8 +600,8 @@ def s3_store(s3_server: str, ncep_zarr: Path, tmp_path: Path, monkeypatch) -> st
 
 
 @pytest.fixture
-def proxy(s3_server: str):
-    fault_proxy = FaultProxy(s3_server)
+def proxy(moto_endpoint: str):
+    fault_proxy = FaultProxy(moto_endpoint)
     yield fault_proxy
     fault_proxy.stop()
 
@@ -656,15 +646,15 @@ def test_s3_hanging_request_times_out(s3_store: str, proxy: FaultProxy):
     assert time.monotonic() - began < 20
 
 
-def test_s3_missing_chunk_names_key(s3_store: str, s3_server: str):
+def test_s3_missing_chunk_names_key(s3_store: str, moto_endpoint: str):
     import s3fs
 
-    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server},
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": moto_endpoint},
                            skip_instance_cache=True)
     fs.rm(s3_store.removeprefix("s3://") + "/air/c/7/0/0")
 
     with pytest.raises(MissingChunkError, match=r"chunk 'air/c/7/0/0' is missing from s3://"):
-        build_streaming(s3_spec(s3_store, s3_server), seed=0)
+        build_streaming(s3_spec(s3_store, moto_endpoint), seed=0)
 
 
 def test_chunk_cache_serves_repeated_reads(s3_store: str, proxy: FaultProxy, tmp_path: Path):
@@ -846,14 +836,14 @@ def test_convert_warns_irregular_step(tmp_path: Path, caplog):
     assert "spec.data.leadTime" not in warning
 
 
-def test_convert_to_s3_then_inspect(s3_server: str, ncep_air: Path, monkeypatch):
+def test_convert_to_s3_then_inspect(moto_endpoint: str, ncep_air: Path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     import s3fs
 
-    s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server},
+    s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": moto_endpoint},
                       skip_instance_cache=True).mkdir("converted")
-    storage = StorageSpec(endpoint_url=s3_server)
+    storage = StorageSpec(endpoint_url=moto_endpoint)
 
     convert(str(ncep_air), "s3://converted/ncep.zarr", ConvertOptions(time_chunk=120), storage)
     report = inspect_source("s3://converted/ncep.zarr", storage, seconds=0.5)
