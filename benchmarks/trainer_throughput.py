@@ -13,8 +13,8 @@ connection to the last input step. Goal: WeatherViT no slower (ratio >= 1).
 
 Achieved FLOP/s is samples/s times the analytic training FLOPs per sample
 (`wxscale.flops.model_cost`), divided by the measured rate of a 1024 x 1024
-float32 matmul in the same process with the same threads. Goal on CPU: at
-least half of it for the largest model of the quickstart study, which is read
+float32 matmul in the same process with the same threads. Goal on CPU:
+at least half of it for the quickstart study's largest model, which is read
 from examples/quickstart.yaml and measured with the batch size and CPU threads
 that `wxscale run` gives its trials on this machine. The note of that row
 gives the share of the step spent in attention and the FLOP rate of PyTorch's
@@ -133,13 +133,19 @@ def matmul_rate(size: int = 1024, seconds: float = 0.3) -> float:
     return best
 
 
-def attention_seconds(model: QuickstartModel, repeats: int = 5) -> tuple[float, float]:
-    """Time PyTorch's fused attention, forward and backward, at the model's shapes for all its blocks.
+def attention_flops(model: QuickstartModel) -> float:
+    """Return the attention FLOPs of one training step of all blocks, as the analytic model counts them.
 
-    Returns (seconds per training step, FLOPs per training step). The FLOPs are
-    those of the analytic model: 2 * tokens**2 * width per product, QK^T and AV
-    forward, twice each backward.
+    Each of the products QK^T and AV is 2 * tokens**2 * width per sample, forward once and backward twice.
     """
+    spec = model.spec
+    rows, cols = token_grid(model.grid, spec.patch_size)
+    tokens = rows * cols
+    return 3 * 2 * (2 * tokens**2 * spec.embed_dim) * model.batch * spec.depth
+
+
+def attention_seconds(model: QuickstartModel, repeats: int = 5) -> float:
+    """Time PyTorch's fused attention, forward and backward, at the model's shapes; return seconds per training step."""
     spec = model.spec
     rows, cols = token_grid(model.grid, spec.patch_size)
     tokens, head_dim = rows * cols, spec.embed_dim // spec.heads
@@ -153,9 +159,7 @@ def attention_seconds(model: QuickstartModel, repeats: int = 5) -> tuple[float, 
     began = time.perf_counter()
     for _ in range(repeats):
         one_pass()
-    seconds = (time.perf_counter() - began) / repeats * spec.depth
-    flops = 3 * 2 * (2 * tokens**2 * spec.embed_dim) * model.batch * spec.depth
-    return seconds, flops
+    return (time.perf_counter() - began) / repeats * spec.depth
 
 
 def compare(label: str, model: QuickstartModel, goal: bool, rounds: int, steps: int) -> list[Result]:
@@ -189,7 +193,7 @@ def _compare(label: str, model: QuickstartModel, goal: bool, rounds: int, steps:
         ours_times.append(seconds[id(ours)])
         reference_times.append(seconds[id(reference)])
         rates.append(matmul_rate())
-        attention_times.append(attention_seconds(model)[0])
+        attention_times.append(attention_seconds(model))
 
     step_seconds = statistics.median(ours_times)
     ours_rate = batch / step_seconds
@@ -200,7 +204,6 @@ def _compare(label: str, model: QuickstartModel, goal: bool, rounds: int, steps:
     achieved = ours_rate * flops
     matmul = statistics.median(rates)
     attention = statistics.median(attention_times)
-    attention_flops = attention_seconds(model, repeats=1)[1]
     threads = model.threads
     return [
         result(NAME, f"samples/s, {label}", ours_rate, "samples/s", "nn.TransformerEncoder reference",
@@ -210,7 +213,7 @@ def _compare(label: str, model: QuickstartModel, goal: bool, rounds: int, steps:
                matmul, ">= 0.5" if goal else None,
                f"{flops:.3g} training FLOPs per sample (analytic); attention (fused SDPA, forward and backward, "
                f"head size {spec.embed_dim // spec.heads}) takes {attention / step_seconds:.0%} of the step and "
-               f"runs at {attention_flops / attention / matmul:.2f} of the matmul rate"),
+               f"runs at {attention_flops(model) / attention / matmul:.2f} of the matmul rate"),
     ]
 
 

@@ -155,8 +155,8 @@ def test_interrupt_keeps_finished_results(tmp_path: Path, signum: int, code: int
     finally:
         if process.poll() is None:
             process.kill()
-            # The trainers run in sessions of their own and outlive a killed executor; the long second trial
-            # would keep training for the rest of the test session.
+            # The trainers run in sessions of their own and outlive a killed executor. Without this, the long
+            # second trial would keep training for the rest of the test session.
             subprocess.run(["pkill", "-f", f"--output {out}"], check=False)
     assert process.returncode == code, stderr[-3000:]
     assert "Run the same command again to resume" in stderr

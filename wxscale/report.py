@@ -309,7 +309,7 @@ def loader_mode(record: dict[str, Any]) -> str:
     """Return how a trial read its training data: 'memory', 'stream', or '-' when the record does not tell.
 
     Trainers record the path they took in `data.loader`. For older records the
-    configured mode stands in, and an 'auto' trial shows 'auto'. The synthetic
+    configured mode is shown instead, so an 'auto' trial shows 'auto'. The synthetic
     source is generated in memory whatever `spec.data.loader.mode` is.
     """
     recorded = record_value(record, "data.loader")

@@ -79,8 +79,9 @@ class WindowDataset(torch.utils.data.Dataset):
     def batch(self, indices: list[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return the samples at `indices` stacked: x (B, history*V, H, W), y and mask (B, V, H, W).
 
-        One vectorised gather and normalisation per batch; per-sample numpy calls
-        cost about as much as a small model's training step on CPU.
+        One vectorised gather and normalisation per batch. Per-sample numpy calls
+        took twice as long (0.54 against 0.26 ms per batch of 16 on a 2-core EPYC),
+        which was 4 % of the smallest quickstart model's training step.
         """
         last = self.last_indices[np.asarray(indices, dtype=np.int64)]
         inputs = self.values[last[:, None] + self._input_offsets]  # fancy indexing copies: (B, history, V, H, W)
